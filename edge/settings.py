@@ -1,0 +1,78 @@
+"""The edge's settings (`BACKHAUL_EDGE_...`, `/etc/backhaul/edge.toml`); see DESIGN.md §6."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BackhaulSettings
+
+
+class EdgeSettings(BackhaulSettings):
+    """Everything the edge process reads at start; one frozen instance built in `main()`."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKHAUL_EDGE_")
+    default_config_file: ClassVar[Path | None] = Path("/etc/backhaul/edge.toml")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    upstream: str = "http://127.0.0.1:11434"
+    telemetry_path: Path | None = Path("telemetry.jsonl")
+    # Rotate the JSONL file when it passes this size (100 MiB keeps `tail -F` and `jq` quick);
+    # 0 = never (logrotate with SIGHUP instead).
+    telemetry_max_bytes: int = Field(100 * 1024 * 1024, ge=0)
+    telemetry_backups: int = Field(5, ge=0)
+
+    auth: Literal["none", "keys"] = "none"
+    keys_path: Path | None = None
+    # Allowed models; empty = every model but the `*-cloud` ones (billed to the owner's account).
+    models: list[str] = []
+    cors_origins: list[str] = []
+    trusted_proxies: list[str] = []
+
+    # The GPU gate: upstream requests in flight, queued requests, longest wait in the queue (s).
+    max_inflight: int = Field(2, ge=1)
+    queue_max: int = Field(64, ge=0)
+    queue_timeout: float = Field(30.0, gt=0)
+
+    # 20 MB: a few base64 images fit, a context bomb does not.
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Output cap forced onto num_predict / max_tokens; a caller can ask for less, never more.
+    max_output_tokens: int = Field(4096, ge=1)
+
+    # Seconds. Connect is to a loopback port: if it takes more than 2 s something is wrong.
+    connect_timeout: float = Field(2.0, gt=0)
+    # First byte (and any silence mid-stream) may include a queue wait and a cold model load.
+    read_timeout: float = Field(300.0, gt=0)
+    # Liveness probe through the tunnel: a half-open tunnel accepts and then stays silent.
+    probe_interval: float = Field(5.0, gt=0)
+    probe_timeout: float = Field(2.0, gt=0)
+    # Seconds a client is told to wait when the agent is away or the gate is full.
+    retry_after: int = Field(5, ge=1)
+
+    # Embedded SSH server for the agent (DESIGN.md §2); 0 = off (system sshd mode).
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = Field(0, ge=0, le=65535)
+    ssh_host_key: Path = Path("ssh_host_ed25519_key")
+    agent_keys: Path = Path("agent_keys")
+    # Server keepalive: a silent agent is dropped after interval x (count_max + 1) seconds.
+    ssh_keepalive_interval: float = Field(10.0, gt=0)
+    ssh_keepalive_count_max: int = Field(3, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ip_network(item, strict=False)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return value.rstrip("/")

@@ -1,0 +1,1 @@
+"""What the edge and the agent both import: settings, logging, errors, telemetry, usage figures."""

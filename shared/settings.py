@@ -1,0 +1,85 @@
+"""The common part of both programs' settings.
+
+Sources, highest first: CLI flags (passed as keyword arguments), the environment
+(`BACKHAUL_EDGE_...`, nested with `__`), the TOML file (`--config`, `BACKHAUL_<SIDE>_CONFIG`, else
+`/etc/backhaul/<side>.toml` if it exists), then the defaults. Each program builds exactly one
+frozen object in `main()` and passes it down; tests build them directly with keyword arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from shared.errors import ConfigError
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("backhaul_config_file", default=None)
+
+
+class BackhaulSettings(BaseSettings):
+    """Base for `EdgeSettings` and `AgentSettings`: frozen, strict about unknown keys."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_nested_delimiter="__",
+        validate_default=True,
+    )
+    # The default TOML path, e.g. /etc/backhaul/edge.toml; set by each subclass.
+    default_config_file: ClassVar[Path | None] = None
+
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Self:
+        """Build the settings from every source; `overrides` are the CLI flags that were given.
+
+        Error handling: an unreadable TOML file or invalid value raises `ConfigError` with the
+        source named, so `main()` can print it and exit 2.
+        """
+        path = config or cls._config_from_env()
+        if path is None and cls.default_config_file and cls.default_config_file.exists():
+            path = cls.default_config_file
+        if path is not None and not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        token = _CONFIG_FILE.set(path)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValueError as exc:  # pydantic.ValidationError and tomllib errors
+            where = f" (config file {path})" if path else ""
+            raise ConfigError(f"invalid settings{where}: {exc}") from exc
+        finally:
+            _CONFIG_FILE.reset(token)
+
+    @classmethod
+    def _config_from_env(cls) -> Path | None:
+        # The one environment read outside pydantic-settings: where the TOML file is.
+        prefix = cls.model_config.get("env_prefix", "")
+        value = os.environ.get(f"{prefix}CONFIG")
+        return Path(value) if value else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        sources.append(file_secret_settings)
+        return tuple(sources)

@@ -1,0 +1,70 @@
+"""The telemetry record: one JSON line per request (DESIGN.md §5).
+
+The schema is versioned by `v`; fields are stable snake_case names that operators script against
+with `jq` and `backhaul-edge stats`. Prompts and answers are never part of it. The writer lives
+with the edge (`edge.telemetry`); the readers (stats, tail) parse lines back with `parse_line`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything the edge knows about one request once it has ended, however it ended."""
+
+    id: str
+    method: str
+    route: str
+    ts: str = ""
+    v: int = SCHEMA_VERSION
+    feature: str | None = None
+    model: str | None = None
+    key: str | None = None  # the key's name, never the secret
+    client: str | None = None
+    status: int = 0
+    type: str | None = None  # the error type, or None on success
+    outcome: str = "ok"  # ok, error, client_gone, upstream_broken
+    stream: bool = False
+    upstream: str | None = None
+    queue_ms: float | None = None
+    ttfb_ms: float | None = None
+    elapsed_ms: float = 0.0
+    overhead_ms: float | None = None
+    prompt_chars: int | None = None
+    prompt_tokens: int | None = None
+    tokens: int | None = None
+    gen_ms: float | None = None
+    tok_per_s: float | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def to_json_line(self) -> bytes:
+        """The record as one JSON line, newline included, timestamped now if `ts` is empty."""
+        if not self.ts:
+            self.ts = utc_now_iso()
+        return orjson.dumps(self, option=orjson.OPT_APPEND_NEWLINE)
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestRecord))
+
+
+def utc_now_iso() -> str:
+    """ISO 8601 UTC with milliseconds and a `Z`, the `ts` format."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_line(line: bytes | str) -> dict[str, Any]:
+    """Parse one JSONL line back to a dict; raises `ValueError` on a corrupt line."""
+    obj = orjson.loads(line)
+    if not isinstance(obj, dict) or "v" not in obj:
+        raise ValueError("not a backhaul telemetry record")
+    return obj
