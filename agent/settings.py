@@ -1,0 +1,92 @@
+"""The agent's settings (`BACKHAUL_AGENT_...`, `/etc/backhaul/agent.toml`); see DESIGN.md §6.
+
+Relative paths are relative to the working directory; the systemd unit runs the agent in its
+state directory (`/var/lib/backhaul-agent`) and hands it the private key as a credential.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import BackhaulSettings
+
+
+class AgentSettings(BackhaulSettings):
+    """Everything the agent process reads at start; one frozen instance built in `main()`."""
+
+    model_config = SettingsConfigDict(env_prefix="BACKHAUL_AGENT_")
+    default_config_file: ClassVar[Path | None] = Path("/etc/backhaul/agent.toml")
+
+    # Where to dial: the VPS's sshd (22) or the edge's embedded server (2222, the default).
+    ssh_host: str = "127.0.0.1"
+    ssh_port: int = Field(2222, ge=1, le=65535)
+    ssh_user: str = "backhaul"
+    key_path: Path = Path("agent_ed25519_key")
+    # OpenSSH known_hosts format; the only trust anchor for the VPS (there is no "accept any").
+    known_hosts: Path = Path("known_hosts")
+    # The VPS loopback address the forward listens on; the edge's BACKHAUL_EDGE_UPSTREAM.
+    remote_bind: str = "127.0.0.1:11434"
+    # The local model server the forward ends at.
+    upstream: str = "http://127.0.0.1:11434"
+
+    # Dead-peer detection: interval x (count_max + 1) seconds of silence ends the connection.
+    keepalive_interval: float = Field(10.0, gt=0)
+    keepalive_count_max: int = Field(3, ge=1)
+    # Seconds. The TCP connect, then the SSH handshake and login.
+    connect_timeout: float = Field(10.0, gt=0)
+    login_timeout: float = Field(15.0, gt=0)
+    # Reconnect pacing (s): full-jitter exponential from `backoff_initial` up to `backoff_max`;
+    # the sequence restarts only once a connection stayed up `stable_after` seconds.
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_max: float = Field(30.0, gt=0)
+    stable_after: float = Field(30.0, ge=0)
+    # OpenSSH < 10.1 sets TCP_NODELAY on its socket only when a session runs a command; without
+    # one, small forwarded messages wait ~40 ms for a delayed ACK (docs/deploy.md). "auto" runs
+    # one harmless command (the key's forced `/bin/false`) when the server is OpenSSH.
+    open_session: Literal["auto", "always", "never"] = "auto"
+
+    # Local model server: probe period and timeout (s); models kept loaded; how long Ollama
+    # keeps them; re-warm period (s), under Ollama's default 5 min keep_alive that any request
+    # without one resets the expiry to; 0 = only when the server comes (back) up.
+    probe_interval: float = Field(10.0, gt=0)
+    probe_timeout: float = Field(3.0, gt=0)
+    warm_models: list[str] = []
+    warm_keep_alive: str = "30m"
+    warm_interval: float = Field(240.0, ge=0)
+
+    # Where `status.json` lives (what `backhaul-agent status` reads).
+    state_dir: Path = Path(".")
+
+    @field_validator("remote_bind")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("remote_bind must be host:port, e.g. 127.0.0.1:11434")
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("upstream must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @property
+    def remote_address(self) -> tuple[str, int]:
+        """`remote_bind` split into the listen host and port requested from the VPS."""
+        host, _, port = self.remote_bind.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def upstream_address(self) -> tuple[str, int]:
+        """The host and port the forward connects to on this machine."""
+        parts = urlsplit(self.upstream)
+        default = 443 if parts.scheme == "https" else 80
+        return parts.hostname or "127.0.0.1", parts.port or default
