@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent import simulator
+from agent import keygen, run, simulator, status
 
-COMMANDS = (simulator,)
+COMMANDS = (run, status, keygen, simulator)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,147 @@
+"""`backhaul-agent run`: keep the tunnel up and watch the local model server until SIGTERM.
+
+The process owns four tasks in one task group: the tunnel loop, the model-server probe, the
+systemd watchdog ping, and the READY=1 that waits for the first forward. SIGTERM and SIGINT
+cancel them (the tunnel closes its connection first) and the process exits 0 within a second;
+SIGHUP makes the tunnel reconnect at once (`systemctl reload backhaul-agent`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import ssh
+from agent.notify import Notifier, SystemdEnv
+from agent.settings import AgentSettings
+from agent.status import STATUS_FILE, AgentStatus, StatusBoard
+from agent.tunnel import Tunnel
+from agent.upstream import ModelServer
+from shared.errors import ConfigError
+from shared.logging import configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run", help="dial the VPS and keep the reverse forward up", description=__doc__
+    )
+    parser.add_argument("--config", type=Path, help="TOML file (default /etc/backhaul/agent.toml)")
+    parser.add_argument("--ssh-host", help="VPS address")
+    parser.add_argument("--ssh-port", type=int, help="VPS SSH port (2222 embedded, 22 sshd)")
+    parser.add_argument("--ssh-user", help="SSH user on the VPS")
+    parser.add_argument("--key-path", type=Path, help="the agent's private key")
+    parser.add_argument("--known-hosts", type=Path, help="the pinned VPS host key(s)")
+    parser.add_argument("--remote-bind", help="VPS loopback host:port (127.0.0.1:11434)")
+    parser.add_argument("--upstream", help="local model server URL (http://127.0.0.1:11434)")
+    parser.add_argument("--state-dir", type=Path, help="where status.json is written")
+    parser.add_argument("--log-level", help="debug, info, warning, error")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = AgentSettings.load(
+            args.config,
+            ssh_host=args.ssh_host,
+            ssh_port=args.ssh_port,
+            ssh_user=args.ssh_user,
+            key_path=args.key_path,
+            known_hosts=args.known_hosts,
+            remote_bind=args.remote_bind,
+            upstream=args.upstream,
+            state_dir=args.state_dir,
+            log_level=args.log_level,
+        )
+        # Fail at start, not at the first connect, on what only the operator can fix.
+        ssh.load_client_key(settings)
+        ssh.load_known_hosts(settings)
+    except ConfigError as exc:
+        print(f"backhaul-agent: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
+    notifier = Notifier.from_env(SystemdEnv())
+    try:
+        return _asyncio_run(serve(settings, notifier))
+    finally:
+        notifier.close()
+
+
+def _asyncio_run(main: Coroutine[Any, Any, int]) -> int:
+    """Run `main` on uvloop when it is installed, as the edge does."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def serve(
+    settings: AgentSettings,
+    notifier: Notifier | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run the agent until `stop` is set (SIGTERM, SIGINT); returns the exit status.
+
+    Resource handling: every task lives in one task group; a crash in any of them cancels the
+    others and propagates (systemd restarts the service).
+    """
+    notifier = notifier or Notifier(None)
+    stop = stop or asyncio.Event()
+    remote = f"{settings.ssh_host}:{settings.ssh_port}"
+
+    def on_change(status: AgentStatus) -> None:
+        notifier.status(status.summary())
+
+    board = StatusBoard(
+        settings.state_dir / STATUS_FILE,
+        on_change,
+        vps=remote,
+        remote_bind=settings.remote_bind,
+        upstream=settings.upstream,
+        warm_models=list(settings.warm_models),
+    )
+    tunnel = Tunnel(settings, board)
+    model_server = ModelServer(settings, board)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, tunnel.reconnect_now)
+    log.info(
+        "agent.starting", vps=remote, remote_bind=settings.remote_bind, upstream=settings.upstream
+    )
+    board.update()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(tunnel.run_tunnel(), name="tunnel"),
+                tg.create_task(model_server.run(), name="model-server"),
+                tg.create_task(notifier.run_watchdog(), name="watchdog"),
+                tg.create_task(_ready_when_up(tunnel, notifier, board), name="ready"),
+            ]
+            await stop.wait()
+            notifier.stopping()
+            log.info("agent.stopping")
+            for task in tasks:
+                task.cancel()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    board.update(connected=False, connected_since=None, next_retry_in=None)
+    log.info("agent.stopped")
+    return 0
+
+
+async def _ready_when_up(tunnel: Tunnel, notifier: Notifier, board: StatusBoard) -> None:
+    await tunnel.wait_up()
+    notifier.ready(board.status.summary())
+    log.info("agent.ready")
