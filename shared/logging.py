@@ -37,7 +37,7 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=factory,  # type: ignore[arg-type]
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
     # Route stdlib logging (asyncssh, aiohttp) through a plain handler at a quieter level:

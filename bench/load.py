@@ -1,0 +1,108 @@
+"""The load generator for the benchmarks: W1 (non-streamed) and W2 (streamed TTFB).
+
+It runs in the benchmark's own process, apart from the servers it measures, and only ever
+talks to 127.0.0.1. Every run is bounded by a request count and a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+# No run may last longer than this (s), whatever the machine is doing.
+RUN_DEADLINE_S = 300.0
+
+
+@dataclass(frozen=True)
+class Result:
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]  # whole request for W1, time to first byte for W2
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        data = sorted(self.latencies_ms)
+        return data[min(len(data) - 1, round(q / 100 * (len(data) - 1)))]
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return self.pct(99)
+
+
+def generate_body(tokens: int, stream: bool) -> dict[str, object]:
+    return {
+        "model": "llama3.2:1b",
+        "prompt": "Why is the sky blue? Answer briefly.",
+        "stream": stream,
+        "options": {"num_predict": tokens},
+    }
+
+
+async def w1(base_url: str, concurrency: int, total: int, tokens: int = 64) -> Result:
+    """`total` non-streamed /api/generate requests, `concurrency` at a time."""
+    body = generate_body(tokens, stream=False)
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                async with session.post(f"{base_url}/api/generate", json=body) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - start) * 1000.0)
+
+        start = time.perf_counter()
+        async with asyncio.timeout(RUN_DEADLINE_S), asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(worker())
+        seconds = time.perf_counter() - start
+    return Result(len(latencies), errors, seconds, latencies)
+
+
+async def w2(base_url: str, streams: int, tokens: int = 256, rounds: int = 1) -> Result:
+    """`streams` concurrent streamed /api/generate requests (x `rounds`); TTFB of each."""
+    body = generate_body(tokens, stream=True)
+    ttfb: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            async with session.post(f"{base_url}/api/generate", json=body) as response:
+                first = await response.content.readline()
+                ttfb.append((time.perf_counter() - start) * 1000.0)
+                if response.status != 200 or not first:
+                    errors += 1
+                async for _ in response.content.iter_any():
+                    pass
+
+        start = time.perf_counter()
+        for _ in range(rounds):
+            async with asyncio.timeout(RUN_DEADLINE_S), asyncio.TaskGroup() as group:
+                for _ in range(streams):
+                    group.create_task(one())
+        seconds = time.perf_counter() - start
+    return Result(len(ttfb), errors, seconds, ttfb)

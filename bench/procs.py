@@ -1,0 +1,83 @@
+"""Start the programs under test as real processes on 127.0.0.1, and stop them afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, deadline_s: float = 20.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
+
+
+@contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Run `args` until the block ends; yields once `port` accepts connections."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_port(port)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode not in (0, -15):
+            assert proc.stderr is not None
+            print(f"{args[0]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+
+
+@contextmanager
+def simulator(tok_per_s: float = 0, parallel: int = 64) -> Iterator[str]:
+    port = free_port()
+    args = [
+        str(BIN / "backhaul-agent"), "simulate", "--port", str(port),
+        "--tok-per-s", str(tok_per_s), "--parallel", str(parallel), "--max-queue", "4096",
+    ]  # fmt: skip
+    with process(args, port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def edge(upstream: str, telemetry: Path, **settings: str) -> Iterator[str]:
+    port = free_port()
+    env = {
+        "BACKHAUL_EDGE_PORT": str(port),
+        "BACKHAUL_EDGE_UPSTREAM": upstream,
+        "BACKHAUL_EDGE_TELEMETRY_PATH": str(telemetry),
+        "BACKHAUL_EDGE_LOG_FORMAT": "json",
+        **{f"BACKHAUL_EDGE_{k.upper()}": v for k, v in settings.items()},
+    }
+    with process([str(BIN / "backhaul-edge"), "serve"], port, env):
+        yield f"http://127.0.0.1:{port}"
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]

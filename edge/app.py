@@ -1,0 +1,248 @@
+"""`create_app(settings)`: the edge's aiohttp application, shared by production and the tests.
+
+The outermost middleware owns each request's `Exchange`: it checks the raw path against the
+allowlist, answers CORS preflights, renders every `EdgeError` in the route's own error shape,
+turns anything unexpected into a logged 500 without a traceback for the client, records a
+client that went away as `client_gone`, and writes exactly one telemetry line per request.
+App-wide resources (the upstream `ClientSession`, the telemetry writer, the liveness probe)
+live in one cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import hdrs, web
+
+from edge import proxy
+from edge.errors import (
+    EdgeError,
+    Forbidden,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    render,
+)
+from edge.exchange import EXCHANGE, ClientAddress, Exchange, request_id
+from edge.gate import Gate
+from edge.ollama import ModelPolicy
+from edge.routes import BY_PATH, ROUTES
+from edge.settings import EdgeSettings
+from edge.state import CLIENTS, GATE, MODELS, SESSION, SETTINGS, TELEMETRY, UPSTREAM
+from edge.telemetry import TelemetryWriter
+from edge.upstream import UpstreamMonitor
+from shared.telemetry import RequestRecord
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Headers a browser on another origin may read (CORS hides every other one).
+EXPOSED_HEADERS = ", ".join(
+    (
+        "X-Tok-Per-S",
+        "X-Gen-Time",
+        "X-Tokens",
+        "X-Request-Id",
+        "X-Edge-Overhead-Ms",
+        "Retry-After",
+        "RateLimit-Limit",
+        "RateLimit-Remaining",
+        "RateLimit-Reset",
+    )
+)
+ALLOWED_REQUEST_HEADERS = "Authorization, Content-Type, X-Request-Id"
+# Seconds a browser may cache a preflight answer.
+_PREFLIGHT_MAX_AGE_S = "600"
+# Paths whose every hit would flood the telemetry log (probes, scrapers): not logged.
+UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A path is proxied only if it is plain: no encoding, no empty, `.` or `..` segment, no
+# trailing slash. Anything else is 404 before routing (see edge.routes).
+_PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+")
+
+
+def create_app(settings: EdgeSettings) -> web.Application:
+    """Build the edge application; run it with `handler_cancellation=True`."""
+    app = web.Application(
+        middlewares=[exchange_middleware],
+        client_max_size=settings.max_body_bytes,
+        handler_args={"max_field_size": 16 * 1024},
+    )
+    app[SETTINGS] = settings
+    app[MODELS] = ModelPolicy(settings.models)
+    app[GATE] = Gate(
+        settings.max_inflight, settings.queue_max, settings.queue_timeout, settings.retry_after
+    )
+    app[CLIENTS] = ClientAddress(settings.trusted_proxies)
+    app.cleanup_ctx.append(_resources)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, proxy.proxy)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/readyz", readyz, allow_head=True)
+    app.on_response_prepare.append(_response_headers)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[TELEMETRY] = TelemetryWriter(
+        settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,  # generation has no total bound; silence does (sock_read)
+        connect=settings.connect_timeout,
+        sock_connect=settings.connect_timeout,
+        sock_read=settings.read_timeout,
+    )
+    # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
+    # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, enable_cleanup_closed=False)
+    monitor = UpstreamMonitor(
+        settings.upstream, settings.probe_interval, settings.probe_timeout, settings.retry_after
+    )
+    app[UPSTREAM] = monitor
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    ) as session:
+        app[SESSION] = session
+        probe = asyncio.get_running_loop().create_task(monitor.run(session), name="probe")
+        try:
+            yield
+        finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await asyncio.to_thread(app[TELEMETRY].close)
+
+
+@web.middleware
+async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.raw_path.partition("?")[0]
+    ex = Exchange(
+        id=request_id(request.headers.get("X-Request-Id")),
+        path=path,
+        record=RequestRecord(
+            id="", method=request.method, route=path[:256], client=request.app[CLIENTS].of(request)
+        ),
+    )
+    ex.record.id = ex.id
+    request[EXCHANGE] = ex
+    try:
+        response = await _dispatch(request, handler, ex)
+        ex.record.status = response.status
+        return response
+    except EdgeError as err:
+        return _fail(ex, err)
+    except web.HTTPException as exc:
+        return _fail(ex, _translate_http_exception(exc))
+    except asyncio.CancelledError:
+        ex.record.outcome = "client_gone"
+        ex.record.status = ex.record.status or 499  # nginx's "client closed request"
+        raise
+    except ConnectionResetError:
+        ex.record.outcome = "client_gone"
+        ex.record.status = ex.record.status or 499
+        raise
+    except Exception:
+        log.exception("edge.internal_error", request_id=ex.id, path=ex.path)
+        return _fail(ex, InternalError("internal error; the request id is in the logs"))
+    finally:
+        ex.record.elapsed_ms = round(ex.elapsed_ms(), 3)
+        if ex.record.overhead_ms is None and ex.route is not None:
+            ex.record.overhead_ms = round(ex.overhead_ms(), 3)
+        if path not in UNLOGGED_PATHS:
+            request.app[TELEMETRY].write(ex.record)
+
+
+def _fail(ex: Exchange, err: EdgeError) -> web.Response:
+    if ex.headers_sent:  # too late for a status: abort instead (aiohttp closes the connection)
+        raise err
+    ex.record.status, ex.record.type = err.status, err.type
+    ex.record.outcome = "error"
+    return render(ex.path, err, ex.id)
+
+
+def _translate_http_exception(exc: web.HTTPException) -> EdgeError:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method not allowed; use {', '.join(sorted(exc.allowed_methods))}")
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("the request body is too large")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such route")
+    err = EdgeError(exc.reason)
+    err.status, err.type = exc.status, "http_error"
+    return err
+
+
+async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web.StreamResponse:
+    path = ex.path
+    if not _PLAIN_PATH.fullmatch(path) or request.path != path:
+        raise NotFound("no such route")
+    preflight = hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+    if request.method == hdrs.METH_OPTIONS and preflight:
+        return _preflight(request, path)
+    ex.route = BY_PATH.get(path)
+    match = request.match_info
+    if match.http_exception is not None:
+        raise match.http_exception
+    return await handler(request)
+
+
+def _preflight(request: web.Request, path: str) -> web.Response:
+    route = BY_PATH.get(path)
+    if route is None:
+        raise NotFound("no such route")
+    origin = request.headers.get(hdrs.ORIGIN, "")
+    if origin not in request.app[SETTINGS].cors_origins:
+        raise Forbidden(f"origin '{origin}' is not allowed to call this API from a browser")
+    return web.Response(
+        status=204,
+        headers={
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: f"{route.method}, OPTIONS",
+            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ALLOWED_REQUEST_HEADERS,
+            hdrs.ACCESS_CONTROL_MAX_AGE: _PREFLIGHT_MAX_AGE_S,
+        },
+    )
+
+
+async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every response, errors and streams included: the request id and CORS headers."""
+    ex: Exchange | None = request.get(EXCHANGE)
+    if ex is not None:
+        response.headers["X-Request-Id"] = ex.id
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin and origin in request.app[SETTINGS].cors_origins:
+        response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
+        response.headers.add(hdrs.VARY, "Origin")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and serving; says nothing about the agent."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when requests can reach the model server now, else the error a request would get."""
+    monitor = request.app[UPSTREAM]
+    if monitor.status.state.value == "unknown":
+        await monitor.probe(request.app[SESSION])
+    refusal = monitor.refusal()
+    if refusal is not None:
+        raise refusal
+    status = monitor.status
+    return web.json_response(
+        {
+            "status": "ready",
+            "upstream": status.state.value,
+            "reason": status.reason,
+            "agent_present": status.agent_present,
+        }
+    )

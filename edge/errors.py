@@ -1,0 +1,129 @@
+"""Every error the edge answers with, as data: an HTTP status and a stable `type`.
+
+```
+shared.errors.BackhaulError
+└── EdgeError                       status, type, message, headers
+    ├── InvalidRequest      400 invalid_request
+    ├── Unauthorized        401 unauthorized
+    ├── Forbidden           403 forbidden        (model or route not allowed)
+    ├── NotFound            404 not_found        (every route not on the allowlist)
+    ├── MethodNotAllowed    405 method_not_allowed
+    ├── PayloadTooLarge     413 payload_too_large
+    ├── RateLimited         429 rate_limited      + Retry-After
+    ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
+    ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
+    ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
+    ├── UpstreamBusy        503 upstream_busy     + Retry-After (the model server's queue is full)
+    ├── Overloaded          503 overloaded        + Retry-After (our GPU gate is full)
+    └── UpstreamTimeout     504 upstream_timeout  (no response headers within the read timeout)
+```
+
+One middleware (`edge.app`) renders them in the shape the route's clients parse (`render`); the
+`type` strings are an API: operators and clients match on them, so they never change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+from shared.errors import BackhaulError
+
+
+class EdgeError(BackhaulError):
+    """An error with an HTTP status; the message is safe to show to the client."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class InvalidRequest(EdgeError):
+    status, type = 400, "invalid_request"
+
+
+class Unauthorized(EdgeError):
+    status, type = 401, "unauthorized"
+
+
+class Forbidden(EdgeError):
+    status, type = 403, "forbidden"
+
+
+class NotFound(EdgeError):
+    status, type = 404, "not_found"
+
+
+class MethodNotAllowed(EdgeError):
+    status, type = 405, "method_not_allowed"
+
+
+class PayloadTooLarge(EdgeError):
+    status, type = 413, "payload_too_large"
+
+
+class RateLimited(EdgeError):
+    status, type = 429, "rate_limited"
+
+
+class InternalError(EdgeError):
+    status, type = 500, "internal_error"
+
+
+class UpstreamUnavailable(EdgeError):
+    status, type = 502, "upstream_unavailable"
+
+
+class AgentUnavailable(EdgeError):
+    status, type = 503, "agent_unavailable"
+
+
+class UpstreamBusy(EdgeError):
+    status, type = 503, "upstream_busy"
+
+
+class Overloaded(EdgeError):
+    status, type = 503, "overloaded"
+
+
+class UpstreamTimeout(EdgeError):
+    status, type = 504, "upstream_timeout"
+
+
+def error_body(path: str, err: EdgeError, request_id: str) -> bytes:
+    """The JSON body for `err` in the shape the clients of `path` parse (DESIGN.md §4).
+
+    `/api/*` speaks Ollama (`{"error": "message"}`, which the ollama SDK raises as
+    `ResponseError`), with `type` beside it; everything else speaks OpenAI
+    (`{"error": {"message", "type", "code"}}`, which the openai SDK parses into `APIError`).
+    """
+    if path.startswith("/api/"):
+        return orjson.dumps({"error": err.message, "type": err.type, "request_id": request_id})
+    return orjson.dumps(
+        {
+            "error": {
+                "message": err.message,
+                "type": err.type,
+                "code": err.type,
+                "param": None,
+                "request_id": request_id,
+            }
+        }
+    )
+
+
+def render(path: str, err: EdgeError, request_id: str) -> web.Response:
+    """The complete error response; headers such as `Retry-After` come from the error."""
+    response = web.Response(
+        status=err.status,
+        body=error_body(path, err, request_id),
+        content_type="application/json",
+        headers=err.headers,
+    )
+    return response

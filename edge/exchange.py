@@ -1,0 +1,84 @@
+"""One request's context as it crosses the edge: its id, client, timing and telemetry record.
+
+The outermost middleware (`edge.app`) creates the `Exchange`, every later step fills in the
+record, and the middleware writes it once, whatever happened.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+
+from aiohttp import web
+
+from edge.routes import Route
+from shared.telemetry import RequestRecord
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(slots=True)
+class Exchange:
+    id: str
+    path: str  # the raw path, as the client wrote it
+    record: RequestRecord
+    start: float = field(default_factory=time.perf_counter)
+    route: Route | None = None
+    headers_sent: bool = False
+    upstream_s: float = 0.0  # seconds spent waiting on the upstream, for overhead_ms
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1000.0
+
+    def overhead_ms(self) -> float:
+        """Time the edge itself spent: everything but the wait on the upstream."""
+        return max(0.0, self.elapsed_ms() - self.upstream_s * 1000.0)
+
+
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+
+def request_id(supplied: str | None) -> str:
+    """The caller's `X-Request-Id` when it is a sane token, else a new one."""
+    if supplied and _REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+class ClientAddress:
+    """The client's address: the peer, or `X-Forwarded-For` when the peer is a trusted proxy."""
+
+    def __init__(self, trusted: list[str]) -> None:
+        self._trusted: list[IPv4Network | IPv6Network] = [
+            ip_network(net, strict=False) for net in trusted
+        ]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def of(self, request: web.Request) -> str | None:
+        peer = request.remote
+        if not self._trusted or peer is None or not self._is_trusted(peer):
+            return peer
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
+        # The rightmost address our proxies did not add is the one a client cannot forge.
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop if _is_ip(hop) else peer
+        return hops[0] if hops else peer
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ip_address(value)
+    except ValueError:
+        return False
+    return True

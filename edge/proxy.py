@@ -1,0 +1,262 @@
+"""The request path from a parsed body to the client's last byte (DESIGN.md §4, steps 3-7).
+
+Before response headers are sent, every failure becomes a status (an `EdgeError`); after
+`prepare()` a failure can only cut the stream, which the client sees as a truncated body (for
+NDJSON and SSE, after an error line in the route's own shape). Library exceptions from aiohttp's
+client are translated in one place, `map_upstream_errors()`.
+
+Resource handling: the upstream response is released to the connection pool only when it was
+read to the end; on any other exit (the client went away, the stream broke) it is closed, which
+closes the connection and makes the model server stop generating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import hdrs, web
+
+from edge import ollama
+from edge.errors import (
+    AgentUnavailable,
+    InvalidRequest,
+    PayloadTooLarge,
+    UpstreamBusy,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from edge.exchange import EXCHANGE, Exchange
+from edge.routes import Kind, Route
+from edge.state import GATE, MODELS, SESSION, SETTINGS, UPSTREAM
+from edge.upstream import State, UpstreamMonitor
+from shared import usage
+from shared.usage import Usage
+
+STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+# The end of a stream kept to read its final figures: Ollama's last NDJSON line or the SSE usage
+# chunk is a few hundred bytes; 16 KiB also covers a final chunk that still carries content.
+_TAIL_BYTES = 16 * 1024
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Handle one allowlisted route: check the body, wait for a slot, forward, relay."""
+    ex: Exchange = request[EXCHANGE]
+    route = ex.route
+    assert route is not None
+    app = request.app
+    payload: bytes | None = None
+    if route.has_body:
+        body = await _read_json(request, ex, app[SETTINGS].max_body_bytes)
+        facts = ollama.sanitise(route, body, app[MODELS], app[SETTINGS].max_output_tokens)
+        ex.record.model, ex.record.stream = facts.model, facts.stream
+        ex.record.prompt_chars = facts.prompt_chars
+        payload = orjson.dumps(body)
+    monitor = app[UPSTREAM]
+    refusal = monitor.refusal()
+    if refusal is not None:
+        raise refusal
+    if route.kind in (Kind.GENERATE, Kind.EMBED):
+        async with app[GATE].slot() as queue_ms:
+            ex.record.queue_ms = round(queue_ms, 3)
+            return await _forward(request, ex, route, payload)
+    return await _forward(request, ex, route, payload)
+
+
+async def _read_json(request: web.Request, ex: Exchange, limit: int) -> Any:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the request body is over the {limit}-byte limit")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the request body is over the {limit}-byte limit") from None
+    ex.record.bytes_in = len(raw)
+    if not raw:
+        raise InvalidRequest("the request body is empty; a JSON object is required")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
+
+
+@contextmanager
+def map_upstream_errors(monitor: UpstreamMonitor) -> Iterator[None]:
+    """Translate aiohttp client failures before response headers into our errors."""
+    try:
+        yield
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        monitor.report(State.AGENT_ABSENT, f"connect failed: {exc}")
+        raise AgentUnavailable(
+            "the model server is offline: its workstation is not connected",
+            headers={"Retry-After": monitor.retry_after},
+        ) from exc
+    except TimeoutError as exc:  # the read timeout, or the monitor woke us: tunnel is down
+        refusal = monitor.refusal()
+        if refusal is not None:
+            raise refusal from exc
+        raise UpstreamTimeout("the model server did not answer in time") from exc
+    except aiohttp.ClientError as exc:  # accepted, then reset: the agent's model server is down
+        raise UpstreamUnavailable(
+            "the workstation is connected but its model server did not answer",
+            headers={"Retry-After": monitor.retry_after},
+        ) from exc
+
+
+async def _forward(
+    request: web.Request, ex: Exchange, route: Route, payload: bytes | None
+) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    monitor = app[UPSTREAM]
+    # Built from scratch, never copied from the client: a loopback Host (set by aiohttp from
+    # the URL), no Origin (Ollama refuses unknown origins), no cookies or credentials.
+    headers = {hdrs.ACCEPT_ENCODING: "identity", "X-Request-Id": ex.id}
+    if payload is not None:
+        headers[hdrs.CONTENT_TYPE] = "application/json"
+    ex.record.upstream = settings.upstream
+    t0 = time.perf_counter()
+    with map_upstream_errors(monitor):
+        async with monitor.waiting(settings.read_timeout):
+            upstream = await app[SESSION].request(
+                route.method, settings.upstream + route.path, data=payload, headers=headers
+            )
+    ex.record.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+    try:
+        content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "application/json")
+        if upstream.status == 200 and content_type.startswith(STREAM_TYPES):
+            response = await _relay_stream(request, ex, route, upstream, content_type, t0)
+        else:
+            with map_upstream_errors(monitor):
+                body = await upstream.read()
+            ex.upstream_s = time.perf_counter() - t0
+            response = _buffered(ex, route, upstream.status, content_type, body, app)
+    except BaseException:
+        upstream.close()
+        raise
+    upstream.release()
+    return response
+
+
+def _buffered(
+    ex: Exchange, route: Route, status: int, content_type: str, body: bytes, app: web.Application
+) -> web.Response:
+    if status == 503:
+        raise UpstreamBusy(
+            f"the model server is busy: {_upstream_message(body)}",
+            headers={"Retry-After": app[UPSTREAM].retry_after},
+        )
+    if status >= 400:
+        ex.record.type = "upstream_error"
+        return _response(ex, status, content_type, body, {})
+    extra: dict[str, str] = {}
+    if route.kind is Kind.LIST:
+        body = orjson.dumps(ollama.filter_models(route, orjson.loads(body), app[MODELS]))
+    elif route.kind is Kind.SHOW:
+        body = orjson.dumps(ollama.filter_show(orjson.loads(body)))
+    elif route.kind is Kind.GENERATE:
+        figures = usage.from_body(body, openai=route.openai)
+        _record_usage(ex, figures, ex.upstream_s)
+        extra["X-Gen-Time"] = f"{ex.upstream_s:.3f}"
+        if figures.tokens is not None:
+            extra["X-Tokens"] = str(figures.tokens)
+        if ex.record.tok_per_s is not None:
+            extra["X-Tok-Per-S"] = f"{ex.record.tok_per_s:.2f}"
+    elif route.kind is Kind.EMBED:
+        _record_usage(ex, usage.from_body(body, openai=route.openai), ex.upstream_s)
+        extra["X-Gen-Time"] = f"{ex.upstream_s:.3f}"
+    return _response(ex, status, content_type, body, extra)
+
+
+def _response(
+    ex: Exchange, status: int, content_type: str, body: bytes, extra: dict[str, str]
+) -> web.Response:
+    ex.record.bytes_out = len(body)
+    extra["X-Edge-Overhead-Ms"] = f"{ex.overhead_ms():.3f}"
+    response = web.Response(status=status, body=body, headers=extra)
+    response.headers[hdrs.CONTENT_TYPE] = content_type
+    return response
+
+
+def _upstream_message(body: bytes) -> str:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "no details"
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error) if error else "no details"
+
+
+def _record_usage(ex: Exchange, figures: Usage, wall_s: float) -> None:
+    record = ex.record
+    record.prompt_tokens = figures.prompt_tokens
+    record.tokens = figures.tokens
+    record.gen_ms = round(figures.eval_ns / 1e6 if figures.eval_ns else wall_s * 1000.0, 3)
+    speed = figures.tok_per_s(wall_s)
+    record.tok_per_s = round(speed, 2) if speed is not None else None
+
+
+async def _relay_stream(
+    request: web.Request,
+    ex: Exchange,
+    route: Route,
+    upstream: aiohttp.ClientResponse,
+    content_type: str,
+    t0: float,
+) -> web.StreamResponse:
+    """Write each upstream chunk to the client as it arrives: no buffering, no re-encoding."""
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            hdrs.CONTENT_TYPE: content_type,
+            hdrs.CACHE_CONTROL: "no-cache",
+            "X-Accel-Buffering": "no",  # nginx/Caddy in front: do not buffer this stream
+        },
+    )
+    await response.prepare(request)
+    ex.headers_sent = True
+    ex.record.stream = True
+    sse = content_type.startswith("text/event-stream")
+    tail = b""
+    first_chunk: float | None = None
+    try:
+        async for chunk in upstream.content.iter_any():
+            if first_chunk is None:
+                first_chunk = time.perf_counter()
+            await response.write(chunk)
+            ex.record.bytes_out += len(chunk)
+            tail = (tail + chunk)[-_TAIL_BYTES:] if len(chunk) < _TAIL_BYTES else chunk
+    except (aiohttp.ClientError, TimeoutError):
+        # Headers are gone: say so in the stream's own shape, then cut it so the client cannot
+        # mistake a truncated answer for a complete one.
+        ex.record.outcome, ex.record.type = "upstream_broken", "upstream_broken"
+        await _write_stream_error(request, response, sse)
+        return response
+    ex.upstream_s = time.perf_counter() - t0
+    figures = usage.from_sse_tail(tail) if sse else usage.from_ndjson_tail(tail)
+    gen_s = ex.upstream_s - ((first_chunk - t0) if first_chunk else 0.0)
+    _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
+    await response.write_eof()
+    return response
+
+
+async def _write_stream_error(
+    request: web.Request,
+    response: web.StreamResponse,
+    sse: bool,
+) -> None:
+    message, kind = "the model server's stream broke off", "upstream_broken"
+    if sse:
+        line = b"data: " + orjson.dumps({"error": {"message": message, "type": kind}}) + b"\n\n"
+    else:
+        line = orjson.dumps({"error": message, "type": kind}) + b"\n"
+    with contextlib.suppress(ConnectionError):  # the client may be gone as well
+        await response.write(line)
+    if request.transport is not None:
+        request.transport.close()

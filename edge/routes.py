@@ -1,0 +1,53 @@
+"""The route allowlist: the only paths the edge proxies, and what each one is (DESIGN.md §4).
+
+A request is proxied only when its raw path (before any decoding or normalisation) equals one of
+these paths exactly, and the upstream is always sent the canonical path from this table, never
+the client's spelling. So `/api/../api/pull`, `/api/%2e%2e/api/pull`, `//api/pull`,
+`/API/PULL` and `/api/pull/` are all 404 and nothing the client writes can name an admin route
+(`pull`, `push`, `create`, `copy`, `delete`, `blobs`: the CVE path) on the model server.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    """What the edge does with a route's body and response."""
+
+    GENERATE = "generate"  # inference with output: sanitise, cap output, figures
+    EMBED = "embed"  # inference without generated tokens: sanitise, model check
+    LIST = "list"  # model list: filtered to the allowed models
+    SHOW = "show"  # model details: model check, prompts and templates removed
+    META = "meta"  # version: passed through as is
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    kind: Kind
+    openai: bool  # OpenAI wire format (errors, usage, SSE) rather than Ollama's
+
+    @property
+    def has_body(self) -> bool:
+        return self.method == "POST"
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/api/generate", Kind.GENERATE, openai=False),
+    Route("POST", "/api/chat", Kind.GENERATE, openai=False),
+    Route("POST", "/api/embed", Kind.EMBED, openai=False),
+    Route("POST", "/api/embeddings", Kind.EMBED, openai=False),
+    Route("GET", "/api/tags", Kind.LIST, openai=False),
+    Route("POST", "/api/show", Kind.SHOW, openai=False),
+    Route("GET", "/api/version", Kind.META, openai=False),
+    Route("GET", "/api/ps", Kind.LIST, openai=False),
+    Route("POST", "/v1/chat/completions", Kind.GENERATE, openai=True),
+    Route("POST", "/v1/completions", Kind.GENERATE, openai=True),
+    Route("POST", "/v1/embeddings", Kind.EMBED, openai=True),
+    Route("GET", "/v1/models", Kind.LIST, openai=True),
+)
+
+BY_PATH: dict[str, Route] = {route.path: route for route in ROUTES}

@@ -1,0 +1,24 @@
+"""The edge's app-wide objects and the typed keys they live under (`app[SETTINGS]`, ...).
+
+They are created and closed in `edge.app`'s cleanup context; handlers only read them.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from edge.exchange import ClientAddress
+from edge.gate import Gate
+from edge.ollama import ModelPolicy
+from edge.settings import EdgeSettings
+from edge.telemetry import TelemetryWriter
+from edge.upstream import UpstreamMonitor
+
+SETTINGS = web.AppKey("settings", EdgeSettings)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+TELEMETRY = web.AppKey("telemetry", TelemetryWriter)
+UPSTREAM = web.AppKey("upstream", UpstreamMonitor)
+GATE = web.AppKey("gate", Gate)
+MODELS = web.AppKey("models", ModelPolicy)
+CLIENTS = web.AppKey("clients", ClientAddress)

@@ -1,0 +1,166 @@
+"""The JSONL telemetry writer: one line per request, never blocking the event loop.
+
+The request path serialises its `RequestRecord` (orjson, microseconds) and hands the bytes to a
+queue; one writer thread appends them to the file with `os.write` on an `O_APPEND` descriptor, so
+every line is complete and on disk (in the page cache) as soon as it is written, for operators
+who `tail -F` it. The writer rotates the file by size (`telemetry.jsonl` -> `.1` -> `.2` ...) and
+reopens it on `reopen()` (SIGHUP, for logrotate). A failing disk is logged, at most once a
+minute, and counted; serving goes on.
+
+Resource handling: the thread and the file descriptor belong to `TelemetryWriter`; `close()`
+writes what is queued, then stops the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from shared.telemetry import RequestRecord
+
+log = structlog.get_logger(__name__)
+
+# Seconds between two "telemetry.write_failed" log lines while the disk keeps failing.
+_FAILURE_LOG_INTERVAL_S = 60.0
+
+
+class TelemetryWriter:
+    """Appends JSON lines to `path` from a background thread; `path=None` keeps them in memory
+    only for `flush()` accounting (telemetry off)."""
+
+    def __init__(self, path: Path | None, max_bytes: int = 0, backups: int = 5) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.written = 0
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[bytes | threading.Event | None] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._size = 0
+        self._reopen = False
+        self._last_failure_log = 0.0
+        self._thread = threading.Thread(target=self._run, name="telemetry-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, record: RequestRecord) -> None:
+        """Queue one record; returns at once."""
+        self._queue.put(record.to_json_line())
+
+    def reopen(self) -> None:
+        """Close and reopen the file before the next line (after logrotate moved it)."""
+        self._reopen = True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until every line queued so far is written; False if that took over `timeout`."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    async def wait_flushed(self) -> bool:
+        """`flush()` without blocking the event loop."""
+        return await asyncio.to_thread(self.flush)
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread and close the file."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch: list[bytes] = []
+            events: list[threading.Event] = []
+            stop = False
+            # Take everything already queued: under load one write() carries many lines.
+            while True:
+                if item is None:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    events.append(item)
+                else:
+                    batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._append(batch)
+            for event in events:
+                event.set()
+            if stop:
+                self._close_fd()
+                return
+
+    def _append(self, lines: list[bytes]) -> None:
+        if self.path is None:
+            self.written += len(lines)
+            return
+        try:
+            if self._reopen:
+                self._reopen = False
+                self._close_fd()
+            if self._fd is None:
+                self._open()
+            pending: list[bytes] = []
+            pending_size = 0
+            for line in lines:
+                over = self._size + pending_size + len(line) > self.max_bytes
+                if self.max_bytes and over and self._size + pending_size > 0:
+                    self._write(pending)
+                    pending, pending_size = [], 0
+                    self._rotate()
+                    self._open()
+                pending.append(line)
+                pending_size += len(line)
+            self._write(pending)
+        except OSError as exc:
+            self.dropped += len(lines)
+            self._close_fd()
+            now = time.monotonic()
+            if now - self._last_failure_log >= _FAILURE_LOG_INTERVAL_S:
+                self._last_failure_log = now
+                log.error(
+                    "telemetry.write_failed",
+                    path=str(self.path),
+                    error=str(exc),
+                    dropped_total=self.dropped,
+                )
+
+    def _write(self, lines: list[bytes]) -> None:
+        assert self._fd is not None
+        view = memoryview(b"".join(lines))
+        size = len(view)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._size += size
+        self.written += len(lines)
+
+    def _open(self) -> None:
+        assert self.path is not None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _rotate(self) -> None:
+        assert self.path is not None
+        self._close_fd()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+            return
+        for n in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        log.info("telemetry.rotated", path=str(self.path))

@@ -1,0 +1,159 @@
+"""Knowing whether the model server behind the tunnel can answer, before a request waits on it.
+
+Three sources feed one state: the embedded SSH server's connect and disconnect events (exact,
+when that mode is on), a liveness probe (`GET /api/version` through the tunnel every
+`probe_interval`, faster while down), and what requests themselves see (a refused connect marks
+the agent absent at once). While the state is down, requests are answered 503 (or 502) at once
+instead of waiting for a connect or read timeout, and requests already waiting for response
+headers are woken with the same answer: a half-open tunnel accepts connections and then stays
+silent, so without this they would wait the whole read timeout.
+
+Resource handling: the probe task is owned by `run()`, which `edge.app` runs for the app's
+lifetime in its cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from edge.errors import AgentUnavailable, EdgeError, UpstreamUnavailable
+
+log = structlog.get_logger(__name__)
+
+# While down, probe this often (s): the agent's return is noticed within it.
+_DOWN_PROBE_INTERVAL_S = 0.5
+
+
+class State(enum.Enum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    AGENT_ABSENT = "agent_absent"  # nothing listens on the tunnel's loopback port
+    TUNNEL_SILENT = "tunnel_silent"  # it accepts but never answers: a half-open tunnel
+    MODEL_SERVER_DOWN = "model_server_down"  # the agent answers, its model server does not
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    state: State
+    reason: str
+    since: float  # time.time() of the last change
+    agent_present: bool | None  # from the embedded SSH server; None = not known (sshd mode)
+
+
+class UpstreamMonitor:
+    """The upstream's state, its liveness probe, and the requests waiting on it."""
+
+    def __init__(
+        self, base_url: str, probe_interval: float, probe_timeout: float, retry_after: int
+    ) -> None:
+        self._url = f"{base_url}/api/version"
+        self._probe_interval = probe_interval
+        self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout)
+        self.retry_after = str(retry_after)  # the Retry-After value, seconds
+        self._state = State.UNKNOWN
+        self._reason = "not probed yet"
+        self._since = time.time()
+        self._agent_present: bool | None = None
+        self._waiting: set[asyncio.Timeout] = set()
+        self._wake = asyncio.Event()
+
+    @property
+    def status(self) -> Status:
+        return Status(self._state, self._reason, self._since, self._agent_present)
+
+    def refusal(self) -> EdgeError | None:
+        """The error to answer at once, or None if a request should go upstream."""
+        if self._agent_present is False or self._state in (
+            State.AGENT_ABSENT,
+            State.TUNNEL_SILENT,
+        ):
+            return AgentUnavailable(
+                "the model server is offline: its workstation is not connected",
+                headers={"Retry-After": self.retry_after},
+            )
+        if self._state is State.MODEL_SERVER_DOWN:
+            return UpstreamUnavailable(
+                "the workstation is connected but its model server is not answering",
+                headers={"Retry-After": self.retry_after},
+            )
+        return None
+
+    def set_agent_present(self, present: bool | None) -> None:
+        """Presence from the embedded SSH server; None when presence cannot be known."""
+        if present == self._agent_present:
+            return
+        self._agent_present = present
+        log.info("upstream.agent_presence", present=present)
+        if present is False:
+            self._set(State.AGENT_ABSENT, "agent disconnected")
+        self._wake.set()  # probe now: a new agent should be usable at once
+
+    def report(self, state: State, reason: str) -> None:
+        """What a request saw (a refused connect, a reset): takes effect at once."""
+        self._set(state, reason)
+        self._wake.set()
+
+    @asynccontextmanager
+    async def waiting(self, read_timeout: float) -> AsyncIterator[asyncio.Timeout]:
+        """Bound a wait for response headers; it ends early if the upstream goes down.
+
+        Error handling: raises `TimeoutError` when the read timeout passes or the monitor
+        decides the upstream is down; the caller asks `refusal()` which of the two it was.
+        """
+        async with asyncio.timeout(read_timeout) as timeout:
+            self._waiting.add(timeout)
+            try:
+                yield timeout
+            finally:
+                self._waiting.discard(timeout)
+
+    def _set(self, state: State, reason: str) -> None:
+        if state is self._state:
+            self._reason = reason
+            return
+        previous, self._state, self._reason, self._since = self._state, state, reason, time.time()
+        if state is State.UP:
+            log.info("upstream.up", previous=previous.value)
+        else:
+            log.warning("upstream.down", state=state.value, reason=reason)
+            if state in (State.TUNNEL_SILENT, State.AGENT_ABSENT):
+                now = asyncio.get_running_loop().time()
+                for timeout in list(self._waiting):
+                    timeout.reschedule(now)
+
+    async def probe(self, session: aiohttp.ClientSession) -> State:
+        """Ask the model server for its version once, through the tunnel; record and return."""
+        try:
+            async with session.get(self._url, timeout=self._probe_timeout) as response:
+                await response.read()
+                if response.status < 500:
+                    self._set(State.UP, f"probe answered {response.status}")
+                else:
+                    self._set(State.MODEL_SERVER_DOWN, f"probe answered {response.status}")
+        except aiohttp.ClientConnectorError as exc:
+            self._set(State.AGENT_ABSENT, f"connect refused: {exc.os_error}")
+        except TimeoutError:
+            self._set(State.TUNNEL_SILENT, "probe got no answer in time")
+        except aiohttp.ClientError as exc:
+            self._set(State.MODEL_SERVER_DOWN, f"probe failed: {exc!r}")
+        return self._state
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Probe forever: every `probe_interval` while up, faster while down."""
+        while True:
+            await self.probe(session)
+            interval = self._probe_interval if self._state is State.UP else _DOWN_PROBE_INTERVAL_S
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass

@@ -1,0 +1,158 @@
+"""Bad input gets a clear error in the route's shape, reaches nothing upstream, loses no line."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.servers import edge, simulator
+
+FORBIDDEN_PATHS = [
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs/sha256:0123abcd",
+    "/api/../api/pull",
+    "/api/%2e%2e/api/pull",
+    "/api/%2E%2E/api/pull",
+    "/api/./pull",
+    "//api/pull",
+    "/API/PULL",
+    "/Api/Pull",
+    "/api/pull/",
+    "/api/pull?x=1",
+    "/api/%70ull",
+    "/api/generate/../pull",
+    "/api/chat/",
+    "/api/me",
+    "/api/experimental/web_search",
+    "/v1/models/llama3.2:1b",
+    "/v1/responses",
+    "/",
+]
+METHODS = ["GET", "POST", "DELETE", "PUT", "HEAD", "PATCH"]
+
+
+async def raw_request(url: str, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send `path` byte for byte (client libraries normalise paths; attackers do not)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def reached_upstream(sim: Any) -> list[str]:
+    return [seen.path for seen in sim.stats.requests if seen.path != "/api/version"]
+
+
+async def test_forbidden_paths_are_404_whatever_the_spelling(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        sent = 0
+        for path in FORBIDDEN_PATHS:
+            for method in METHODS:
+                status, body = await raw_request(e.url, method, path, b'{"model":"x"}')
+                sent += 1
+                assert status == 404, (method, path, status, body)
+                if method != "HEAD":
+                    assert b'"not_found"' in body
+        assert reached_upstream(sim) == []
+        records = await e.records()
+        assert len(records) == sent
+        assert {r["status"] for r in records} == {404}
+        async with http.post(
+            f"{e.url}/api/generate", json={"model": "llama3.2:1b", "prompt": "x", "stream": False}
+        ) as r:
+            assert r.status == 200
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("/api/generate", b"{", "not valid JSON"),
+    ("/api/generate", b"", "empty"),
+    ("/api/generate", b"[1, 2]", "JSON object"),
+    ("/api/generate", b'{"model": 3, "prompt": "x"}', "'model'"),
+    ("/api/generate", b'{"prompt": "x"}', "'model'"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "stream": "yes"}', "'stream'"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "prompt": 5}', "'prompt'"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "options": [1]}', "'options'"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "options": {"num_predict": "x"}}', "num_predict"),
+    ("/api/chat", b'{"model": "llama3.2:1b", "messages": {"a": 1}}', "'messages'"),
+    ("/api/chat", b'{"model": "llama3.2:1b", "messages": [3]}', "message"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "prompt": "\xff\xfe"}', "UTF-8"),
+    ("/api/generate", b'{"model": "llama3.2:1b", "prompt": "\\ud800"}', "JSON"),
+    ("/v1/chat/completions", b"{nope", "not valid JSON"),
+    ("/v1/chat/completions", b'{"model": "llama3.2:1b", "max_tokens": true}', "max_tokens"),
+    ("/v1/embeddings", b'{"model": "llama3.2:1b", "input": 7}', "'input'"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "says"), BAD_BODIES)
+async def test_bad_bodies_are_400_in_the_route_shape(
+    tmp_path: Path, path: str, body: bytes, says: str
+):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        status, raw = await raw_request(e.url, "POST", path, body)
+        assert status == 400
+        import orjson
+
+        payload = orjson.loads(raw)
+        if path.startswith("/v1/"):
+            assert payload["error"]["type"] == "invalid_request"
+            message = payload["error"]["message"]
+        else:
+            assert payload["type"] == "invalid_request"
+            message = payload["error"]
+        assert says in message, message
+        assert "Traceback" not in message
+        assert reached_upstream(sim) == []
+        [record] = await e.records()
+        assert record["status"] == 400 and record["type"] == "invalid_request"
+
+
+async def test_oversized_body_is_413(tmp_path: Path, http: aiohttp.ClientSession):
+    async with simulator() as sim, edge(sim.url, tmp_path, max_body_bytes=4096) as e:
+        big = b'{"model": "llama3.2:1b", "prompt": "' + b"a" * 5000 + b'"}'
+        async with http.post(
+            f"{e.url}/api/generate", data=big, headers={"X-Request-Id": "big"}
+        ) as r:
+            assert r.status == 413
+            assert (await r.json())["type"] == "payload_too_large"
+
+        async def chunks():  # no Content-Length: the limit holds while reading
+            for _ in range(10):
+                yield b"a" * 1000
+
+        async with http.post(
+            f"{e.url}/api/generate", data=chunks(), headers={"X-Request-Id": "chunked"}
+        ) as r:
+            assert r.status == 413
+        assert reached_upstream(sim) == []
+        assert (await e.record("big"))["type"] == "payload_too_large"
+        assert (await e.record("chunked"))["type"] == "payload_too_large"
+        async with http.post(
+            f"{e.url}/api/generate", json={"model": "llama3.2:1b", "prompt": "x", "stream": False}
+        ) as r:
+            assert r.status == 200
+
+
+async def test_wrong_method_is_405_json(tmp_path: Path, http: aiohttp.ClientSession):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        async with http.get(f"{e.url}/v1/chat/completions") as r:
+            assert r.status == 405
+            assert (await r.json())["error"]["type"] == "method_not_allowed"
+        assert reached_upstream(sim) == []
