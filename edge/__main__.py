@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge import serve
+from edge import serve, stats, tail
 
-COMMANDS = (serve,)
+COMMANDS = (serve, stats, tail)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

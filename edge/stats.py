@@ -1,0 +1,153 @@
+"""`backhaul-edge stats`: the command line, `--since`, and the report as a table or JSON.
+
+The reading and the figures are `edge.summary`'s (one streaming pass, bounded memory); which
+files are read is `edge.logfiles`'s rule (each FILE with its rotated `FILE.N` and `FILE.N.gz`,
+oldest first). Exit status: 0 when the report was printed, 1 when there was no log to read, 2 on
+a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edge.logfiles import expand_paths
+from edge.quantiles import EXACT_LIMIT, RELATIVE_ERROR
+from edge.settings import EdgeSettings
+from edge.summary import Summary, summarise, ts_text
+
+DESCRIPTION = """\
+Summarise the edge's JSONL telemetry log: requests, errors by type, elapsed and TTFB p50/p95/p99,
+tok/s p50/p10, tokens in and out, queue time p50/p99, clients gone; one table per group with --by.
+
+Each FILE is read with its rotated siblings FILE.N and FILE.N.gz (oldest first); gzip'd files are
+recognised by content. Corrupt or truncated lines are counted and skipped. Percentiles are exact
+up to 8,192 values per figure and within 1 % beyond (marked ~)."""
+
+DEFAULT_PATH: Path = EdgeSettings.model_fields["telemetry_path"].default
+GROUP_FIELDS = ("model", "key", "feature", "route", "status")
+_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "stats",
+        help="summarise the telemetry log",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        metavar="FILE",
+        help=f"JSONL log(s); FILE.N and FILE.N.gz are read too (default: {DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "--since",
+        type=_since_arg,
+        help="only records from then on: 30m, 1h, 2d, 1w ago, a date (UTC) or an ISO time",
+    )
+    parser.add_argument("--by", choices=GROUP_FIELDS, help="one table per value of this field")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = expand_paths(args.files or [DEFAULT_PATH])
+    if not paths:
+        names = ", ".join(str(p) for p in args.files or [DEFAULT_PATH])
+        print(f"backhaul-edge stats: no log found at {names}", file=sys.stderr)
+        return 1
+    summary = summarise(paths, since=args.since, by=args.by)
+    if args.json:
+        sys.stdout.write(orjson.dumps(summary.to_dict(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(summary))
+    sys.stdout.flush()
+    # Every file skipped by --since is a normal, empty report; every file unreadable is not.
+    return 1 if summary.file_errors and not summary.files_read else 0
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """`30m`, `1h`, `2d`, `1w` before `now`; `2026-11-20` (midnight UTC); or an ISO 8601 time.
+
+    A time without an offset is taken as UTC, like `ts`. Raises `ValueError` on anything else.
+    """
+    text = text.strip()
+    if match := _RELATIVE.fullmatch(text):
+        return now - timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    if len(text) == 10:
+        day = date.fromisoformat(text)
+        return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    when = datetime.fromisoformat(text)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _since_arg(text: str) -> datetime:
+    try:
+        return parse_since(text, datetime.now(UTC))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration, date or ISO time: {text!r}") from None
+
+
+def render_text(summary: Summary) -> str:
+    """The human-readable report: what was read, then one small table per group."""
+    out = [f"files: {', '.join(str(p) for p in summary.files_read) or '(none)'}"]
+    if summary.files_skipped:
+        names = ", ".join(str(p) for p in summary.files_skipped)
+        out.append(f"skipped (last written before --since): {names}")
+    out.extend(f"error: {message}" for message in summary.file_errors)
+    read = f"lines: {summary.lines:,} read, {summary.corrupt:,} corrupt or truncated (skipped)"
+    if summary.since is not None:
+        read += f", {summary.before_since:,} before {ts_text(summary.since)}"
+    out.append(read)
+    if not summary.groups:
+        out.append("no records")
+    for value, group in summary.ordered_groups():
+        d = group.to_dict()
+        label = "all records" if summary.by is None else f"{summary.by} {_label(value)}"
+        errors = d["errors"]
+        by_type = ", ".join(f"{t} {n:,}" for t, n in group.errors.most_common())
+        out += [
+            "",
+            label,
+            f"  {'requests':<14}{group.requests:,}",
+            f"  {'errors':<14}{errors['total']:,}" + (f"  ({by_type})" if by_type else ""),
+            f"  {'client gone':<14}{group.client_gone:,}",
+            f"  {'elapsed ms':<14}{_figures(d['elapsed_ms'])}",
+            f"  {'ttfb ms':<14}{_figures(d['ttfb_ms'])}",
+            f"  {'tok/s':<14}{_figures(d['tok_per_s'])}",
+            f"  {'tokens':<14}in {group.prompt_tokens:,}  out {group.tokens:,}",
+            f"  {'queue ms':<14}{_figures(d['queue_ms'])}",
+        ]
+    approximate = any(
+        not s.exact
+        for g in summary.groups.values()
+        for s in (g.elapsed, g.ttfb, g.tok_per_s, g.queue)
+    )
+    if approximate:
+        out += ["", f"(~: beyond {EXACT_LIMIT:,} values, within {RELATIVE_ERROR:.0%})"]
+    return "\n".join(out) + "\n"
+
+
+def _label(value: Any) -> str:
+    return "(none)" if value is None else str(value)
+
+
+def _figures(p: dict[str, Any]) -> str:
+    mark = "" if p["exact"] else "~"
+    cells = [
+        f"{name} {'-' if v is None else f'{mark}{v:,.1f}'}"
+        for name, v in p.items()
+        if name not in ("n", "exact")
+    ]
+    return "   ".join(cells) + f"   (n {p['n']:,})"
