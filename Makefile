@@ -29,7 +29,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 demo: $(STAMP)
-	$(BIN)/python -m bench.demo
+	$(BIN)/python -m scripts.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

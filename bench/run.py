@@ -11,7 +11,6 @@ machine does not decide the result. Targets (issue 2): concurrency 1 adds <= 1 m
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import tempfile
 from pathlib import Path
@@ -20,12 +19,12 @@ from bench import load, procs
 
 
 def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict:
-    asyncio.run(load.w1(direct, concurrency, 200))  # warm-up: connections, caches
-    asyncio.run(load.w1(through, concurrency, 200))
+    load.run(load.w1(direct, concurrency, 200))  # warm-up: connections, caches
+    load.run(load.w1(through, concurrency, 200))
     pairs = []
     for _ in range(rounds):
-        d = asyncio.run(load.w1(direct, concurrency, total))
-        e = asyncio.run(load.w1(through, concurrency, total))
+        d = load.run(load.w1(direct, concurrency, total))
+        e = load.run(load.w1(through, concurrency, total))
         if d.errors or e.errors:
             raise RuntimeError(f"failed requests: direct {d.errors}, edge {e.errors}")
         pairs.append((d, e))
@@ -46,8 +45,8 @@ def w2_pair(direct: str, through: str, streams: int, rounds: int) -> dict:
     d_all: list[float] = []
     e_all: list[float] = []
     for _ in range(rounds):
-        d = asyncio.run(load.w2(direct, streams))
-        e = asyncio.run(load.w2(through, streams))
+        d = load.run(load.w2(direct, streams))
+        e = load.run(load.w2(through, streams))
         if d.errors or e.errors:
             raise RuntimeError(f"failed streams: direct {d.errors}, edge {e.errors}")
         d_all += d.latencies_ms

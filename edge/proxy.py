@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -202,6 +203,25 @@ def _record_usage(ex: Exchange, figures: Usage, wall_s: float) -> None:
     record.tok_per_s = round(speed, 2) if speed is not None else None
 
 
+class _Tail:
+    """The last `_TAIL_BYTES` (or a little more) of a stream, kept without copying chunks."""
+
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= _TAIL_BYTES:
+            self._size -= len(self._chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self._chunks)
+
+
 async def _relay_stream(
     request: web.Request,
     ex: Exchange,
@@ -223,7 +243,7 @@ async def _relay_stream(
     ex.headers_sent = True
     ex.record.stream = True
     sse = content_type.startswith("text/event-stream")
-    tail = b""
+    tail = _Tail()
     first_chunk: float | None = None
     try:
         async for chunk in upstream.content.iter_any():
@@ -231,7 +251,7 @@ async def _relay_stream(
                 first_chunk = time.perf_counter()
             await response.write(chunk)
             ex.record.bytes_out += len(chunk)
-            tail = (tail + chunk)[-_TAIL_BYTES:] if len(chunk) < _TAIL_BYTES else chunk
+            tail.add(chunk)
     except (aiohttp.ClientError, TimeoutError):
         # Headers are gone: say so in the stream's own shape, then cut it so the client cannot
         # mistake a truncated answer for a complete one.
@@ -239,7 +259,8 @@ async def _relay_stream(
         await _write_stream_error(request, response, sse)
         return response
     ex.upstream_s = time.perf_counter() - t0
-    figures = usage.from_sse_tail(tail) if sse else usage.from_ndjson_tail(tail)
+    end = tail.bytes()
+    figures = usage.from_sse_tail(end) if sse else usage.from_ndjson_tail(end)
     gen_s = ex.upstream_s - ((first_chunk - t0) if first_chunk else 0.0)
     _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
     await response.write_eof()

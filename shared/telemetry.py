@@ -17,15 +17,18 @@ import orjson
 SCHEMA_VERSION = 1
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class RequestRecord:
-    """Everything the edge knows about one request once it has ended, however it ended."""
+    """Everything the edge knows about one request once it has ended, however it ended.
 
+    Field order is the line's order: version and time first, as operators read them.
+    """
+
+    v: int = SCHEMA_VERSION
+    ts: str = ""
     id: str
     method: str
     route: str
-    ts: str = ""
-    v: int = SCHEMA_VERSION
     feature: str | None = None
     model: str | None = None
     key: str | None = None  # the key's name, never the secret
