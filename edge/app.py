@@ -33,6 +33,7 @@ from edge.gate import Gate
 from edge.ollama import ModelPolicy
 from edge.routes import BY_PATH, ROUTES
 from edge.settings import EdgeSettings
+from edge.sshd import ssh_server_ctx
 from edge.state import CLIENTS, GATE, MODELS, SESSION, SETTINGS, TELEMETRY, UPSTREAM
 from edge.telemetry import TelemetryWriter
 from edge.upstream import UpstreamMonitor
@@ -80,6 +81,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     )
     app[CLIENTS] = ClientAddress(settings.trusted_proxies)
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(ssh_server_ctx)  # after _resources: it reports to app[UPSTREAM]
     for route in ROUTES:
         app.router.add_route(route.method, route.path, proxy.proxy)
     app.router.add_get("/healthz", healthz, allow_head=True)

@@ -1,0 +1,321 @@
+"""The edge's embedded SSH server: the VPS end of the tunnel without system sshd (DESIGN.md §2).
+
+It accepts only the public keys in `settings.agent_keys` (authorized_keys format, read again on
+every login so keys change without a restart) and grants one thing: `tcpip-forward` for the
+exact loopback address the edge proxies to (`settings.upstream`). Sessions (shell, exec,
+subsystems, PTYs), direct-tcpip and local forwards, UNIX sockets, agent and X11 forwarding are
+refused, each with an `sshd.refused` event. The host key lives at `settings.ssh_host_key` and
+is made on first start; its fingerprint and known_hosts line are logged for the agent to pin.
+
+Newest wins: a new connection authenticated by the same agent key replaces the old one at once
+(disconnected with `REPLACED_REASON`, its listener closed, the port free before the new forward
+is bound), as frp's runID and rathole do, so there is never a stale bind to wait out. Server
+keepalives drop a silent agent after interval x (count_max + 1). Presence is exact: the
+`UpstreamMonitor` hears `True` when a forward is bound and `False` when its connection ends.
+asyncssh sets TCP_NODELAY on the SSH socket and on every forwarded socket, so no Nagle stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncssh
+import structlog
+from aiohttp import web
+
+from edge.settings import EdgeSettings
+from edge.state import SETTINGS, UPSTREAM
+
+log = structlog.get_logger(__name__)
+
+# The disconnect reason an agent sees when it is replaced (agent/errors.py matches this text).
+REPLACED_REASON = "replaced by a newer connection with the same key"
+# Seconds a client has to authenticate: an agent does it in milliseconds.
+_LOGIN_TIMEOUT_S = 20.0
+# Seconds to wait for a replaced connection to release the port before refusing the new bind.
+_REPLACE_TIMEOUT_S = 2.0
+
+
+@dataclass(eq=False)
+class AgentConnection:
+    """One authenticated agent connection and what it holds."""
+
+    conn: asyncssh.SSHServerConnection
+    fingerprint: str = ""
+    peer: str = ""
+    bound: bool = False
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def upstream_bind(upstream: str) -> tuple[str, int]:
+    """The loopback host and port an agent may ask to listen on: the edge's upstream URL."""
+    parts = urlsplit(upstream)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return (parts.hostname or "127.0.0.1").lower(), port
+
+
+def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+    """The server's host key; an ed25519 key is made (mode 0600, plus `.pub`) if missing."""
+    if path.exists():
+        return asyncssh.read_private_key(path)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="backhaul-edge")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key("openssh"))
+    Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
+    log.info("sshd.host_key_created", path=str(path))
+    return key
+
+
+class EmbeddedSSHServer:
+    """The listener, the agent connections, and the one forward they may hold."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        presence: Callable[[bool | None], None] | None = None,
+        *,
+        port: int | None = None,
+    ) -> None:
+        self._settings = settings
+        self._presence = presence or (lambda _present: None)
+        self._port = settings.ssh_port if port is None else port
+        self.bind = upstream_bind(settings.upstream)
+        self.connections: set[AgentConnection] = set()
+        self._by_key: dict[str, AgentConnection] = {}
+        self.holder: AgentConnection | None = None
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.fingerprint = ""
+        self.host_public_key = ""
+
+    @property
+    def port(self) -> int:
+        assert self._acceptor is not None, "start() first"
+        return self._acceptor.get_port()
+
+    async def start(self) -> None:
+        """Listen; logs the host key's fingerprint and known_hosts line for the agent to pin."""
+        s = self._settings
+        key = load_or_create_host_key(s.ssh_host_key)
+        self.fingerprint = key.get_fingerprint("sha256")
+        self.host_public_key = key.export_public_key("openssh").decode().strip()
+        self._acceptor = await asyncssh.listen(
+            s.ssh_host,
+            self._port,
+            server_factory=lambda: _AgentServer(self),
+            server_host_keys=[key],
+            keepalive_interval=s.ssh_keepalive_interval,
+            keepalive_count_max=s.ssh_keepalive_count_max,
+            login_timeout=_LOGIN_TIMEOUT_S,
+            allow_pty=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            password_auth=False,
+            kbdint_auth=False,
+            gss_host=None,
+            host_based_auth=False,
+            compression_algs=None,
+        )
+        bind = f"{self.bind[0]}:{self.bind[1]}"
+        log.info(
+            "sshd.listening",
+            address=f"{s.ssh_host}:{self.port}",
+            forward=bind,
+            agent_keys=str(s.agent_keys),
+            fingerprint=self.fingerprint,
+            known_hosts_line=f"[<this-vps>]:{self.port} {self.host_public_key}",
+        )
+        self._presence(False)
+
+    async def close(self) -> None:
+        """Stop listening, then close every agent connection (they outlive the listener)."""
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+        for agent in list(self.connections):
+            agent.conn.close()
+        for agent in list(self.connections):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await agent.closed.wait()
+
+    def authorized_keys(self) -> asyncssh.SSHAuthorizedKeys | None:
+        path = self._settings.agent_keys
+        try:
+            return asyncssh.read_authorized_keys(str(path))
+        except (OSError, ValueError) as exc:
+            log.error("sshd.agent_keys_unreadable", path=str(path), error=str(exc))
+            return None
+
+    # Called by _AgentServer.
+
+    def authenticated(self, agent: AgentConnection) -> None:
+        old = self._by_key.get(agent.fingerprint)
+        self._by_key[agent.fingerprint] = agent
+        log.info("sshd.agent_connected", peer=agent.peer, key=agent.fingerprint)
+        if old is not None and old is not agent:
+            log.warning("sshd.agent_replaced", key=agent.fingerprint, old_peer=old.peer)
+            # Not DISC_BY_APPLICATION: asyncssh reports that as a clean close and drops the reason.
+            old.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, REPLACED_REASON)
+
+    async def grant_forward(
+        self, agent: AgentConnection, host: str, port: int
+    ) -> bool | asyncssh.SSHListener:
+        """Bind the forward for `agent`, or refuse it (False)."""
+        if (host.lower(), port) != self.bind:
+            log.warning(
+                "sshd.refused",
+                what="tcpip-forward",
+                listen=f"{host}:{port}",
+                allowed=f"{self.bind[0]}:{self.bind[1]}",
+                peer=agent.peer,
+            )
+            return False
+        holder = self.holder
+        if holder is not None and holder is not agent:
+            if holder.fingerprint != agent.fingerprint:
+                log.warning(
+                    "sshd.refused",
+                    what="tcpip-forward",
+                    reason="held by another key",
+                    peer=agent.peer,
+                    holder=holder.fingerprint,
+                )
+                return False
+            try:  # the same key's old connection is closing (authenticated() replaced it)
+                async with asyncio.timeout(_REPLACE_TIMEOUT_S):
+                    await holder.closed.wait()
+            except TimeoutError:
+                return False
+        if agent.bound or agent.closed.is_set():
+            return False
+        try:
+            listener = await agent.conn.forward_local_port(host, port, host, port)
+        except OSError as exc:
+            log.error("sshd.bind_failed", listen=f"{host}:{port}", error=str(exc))
+            return False
+        agent.bound = True
+        self.holder = agent
+        log.info(
+            "sshd.forward_bound", listen=f"{host}:{port}", peer=agent.peer, key=agent.fingerprint
+        )
+        self._presence(True)
+        return listener
+
+    def closed(self, agent: AgentConnection, exc: Exception | None) -> None:
+        self.connections.discard(agent)
+        if self._by_key.get(agent.fingerprint) is agent:
+            del self._by_key[agent.fingerprint]
+        reason = "closed" if exc is None else str(exc) or type(exc).__name__
+        if agent.fingerprint:
+            log.info(
+                "sshd.agent_disconnected", peer=agent.peer, key=agent.fingerprint, reason=reason
+            )
+        if self.holder is agent:
+            self.holder = None
+            self._presence(False)
+        agent.closed.set()
+
+
+class _AgentServer(asyncssh.SSHServer):
+    """One connection's policy: public keys from the file, one forward, nothing else."""
+
+    def __init__(self, server: EmbeddedSSHServer) -> None:
+        self._server = server
+        self._agent: AgentConnection | None = None
+        self._keys: asyncssh.SSHAuthorizedKeys | None = None
+        self._accepted_key = ""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self._agent = AgentConnection(conn, peer=f"{peer[0]}:{peer[1]}")
+        self._server.connections.add(self._agent)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._agent is not None:
+            self._server.closed(self._agent, exc)
+
+    def begin_auth(self, username: str) -> bool:
+        self._keys = self._server.authorized_keys()
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        agent = self._agent
+        if self._keys is None or agent is None:
+            return False
+        host, _, _ = agent.peer.rpartition(":")
+        if self._keys.validate(key, host, host) is None:
+            log.warning(
+                "sshd.refused", what="key", key=key.get_fingerprint("sha256"), peer=agent.peer
+            )
+            return False
+        self._accepted_key = key.get_fingerprint("sha256")
+        return True
+
+    def auth_completed(self) -> None:
+        assert self._agent is not None
+        self._agent.fingerprint = self._accepted_key
+        self._server.authenticated(self._agent)
+
+    def session_requested(self) -> bool:
+        self._refuse("session (shell, exec, subsystem, pty)")
+        return False
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        self._refuse("direct-tcpip", dest=f"{dest_host}:{dest_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refuse("direct-streamlocal", dest=dest_path)
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refuse("streamlocal-forward", listen=listen_path)
+        return False
+
+    def server_requested(
+        self, listen_host: str, listen_port: int
+    ) -> Awaitable[bool | asyncssh.SSHListener]:
+        assert self._agent is not None
+        return self._server.grant_forward(self._agent, listen_host, listen_port)
+
+    def _refuse(self, what: str, **fields: str) -> None:
+        peer = self._agent.peer if self._agent else "?"
+        log.warning("sshd.refused", what=what, peer=peer, **fields)
+
+
+async def ssh_server_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: run the embedded server when `ssh_port` is not 0.
+
+    Append it after the context that creates `app[UPSTREAM]`; with the server off, presence is
+    unknown (`None`: system-sshd mode) and the liveness probe alone decides.
+    """
+    settings = app[SETTINGS]
+    monitor = app[UPSTREAM]
+    if settings.ssh_port == 0:
+        monitor.set_agent_present(None)
+        yield
+        return
+    server = EmbeddedSSHServer(settings, monitor.set_agent_present)
+    await server.start()
+    app[SSH_SERVER] = server
+    try:
+        yield
+    finally:
+        await server.close()
+
+
+SSH_SERVER = web.AppKey("ssh_server", EmbeddedSSHServer)
