@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -119,6 +120,7 @@ class Tunnel:
         self.attempts = 0  # connection attempts so far
         self.connects = 0  # attempts that got the forward up
         self.last_error: TunnelError | None = None
+        self.failures: Counter[str] = Counter()  # failure class name -> count, for status/tests
         self.last_down_reason: str | None = None
         self._fixes = _fixes(settings)
 
@@ -283,6 +285,7 @@ class Tunnel:
 
     def _after_failure(self, err: TunnelError) -> float:
         self.last_error = err
+        self.failures[type(err).__name__] += 1
         self._down.set()
         if err.kind == "permanent":
             log.error("tunnel.failed", kind=err.kind, error=err.message, fix=err.fix or None)
@@ -324,9 +327,9 @@ def _fixes(s: AgentSettings) -> dict[type[TunnelError], str]:
         HostKeyRejected: (
             f"the host key of {vps} is not the one pinned in {s.known_hosts}. If the VPS was "
             "reinstalled or its key changed on purpose, read the new fingerprint on the VPS "
-            "itself (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, or the edge's "
-            "`sshd.host_key` log line) and replace the line; if not, someone may be in the "
-            "middle. Then `systemctl reload backhaul-agent` to retry now."
+            "itself (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, or the fingerprint in "
+            "the edge's `sshd.listening` log line) and replace the line; if not, someone may be "
+            "in the middle. Then `systemctl reload backhaul-agent` to retry now."
         ),
         AuthRefused: (
             f"{vps} refused the key {s.key_path} for user {s.ssh_user!r}: add the lines "

@@ -1,0 +1,170 @@
+"""`backhaul-agent run`, `status` and `keygen` as an operator (and systemd) runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from agent.simulator import running_simulator
+from agent.status import STATUS_FILE, StatusBoard
+from tests.servers import free_port
+from tests.sshd_fixtures import embedded_server, make_key, pin, public_line
+
+AGENT = str(Path(sys.executable).parent / "backhaul-agent")
+
+
+def test_keygen_writes_a_private_key_once_and_prints_the_lines(tmp_path: Path):
+    key = tmp_path / "keys" / "agent_ed25519_key"
+    args = [AGENT, "keygen", "--key-path", str(key), "--remote-bind", "127.0.0.1:11500"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert key.stat().st_mode & 0o777 == 0o600
+    public = Path(f"{key}.pub").read_text().strip()
+    assert public.startswith("ssh-ed25519 ")
+    expected = (
+        'restrict,port-forwarding,permitlisten="127.0.0.1:11500",command="/bin/false" ' + public
+    )
+    assert expected in out.splitlines()
+    assert out.splitlines().count(public) == 2  # the public key, and the agent-keys line
+    again = subprocess.run(args, capture_output=True, text=True, check=True)
+    assert Path(f"{key}.pub").read_text().strip() == public  # not replaced
+    assert "exists" in again.stderr
+    subprocess.run([*args, "--force"], capture_output=True, text=True, check=True)
+    assert Path(f"{key}.pub").read_text().strip() != public
+
+
+def test_status_exit_codes_follow_the_state(tmp_path: Path):
+    def status() -> subprocess.CompletedProcess[str]:
+        args = [AGENT, "status", "--state-dir", str(tmp_path)]
+        return subprocess.run(args, capture_output=True, text=True, check=False)
+
+    assert status().returncode == 3  # no agent wrote anything here
+    board = StatusBoard(tmp_path / STATUS_FILE, vps="vps:22", remote_bind="127.0.0.1:11434")
+    board.update(connected=True, upstream_up=True, upstream_kind="ollama", reconnects=2)
+    result = status()
+    assert result.returncode == 0
+    assert "tunnel       UP to vps:22" in result.stdout
+    assert "reconnects   2" in result.stdout
+    board.update(
+        connected=False,
+        last_error="Host key is not trusted",
+        last_error_kind="permanent",
+        fix="update known_hosts",
+        last_disconnect_reason="Connection lost",
+    )
+    result = status()
+    assert result.returncode == 1
+    assert "fix          update known_hosts" in result.stdout
+    board.update(pid=2**22 + 1)  # beyond pid_max's default: not running
+    assert status().returncode == 3
+
+
+def test_run_refuses_to_start_without_a_key(tmp_path: Path):
+    args = [AGENT, "run", "--key-path", str(tmp_path / "missing"), "--state-dir", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "backhaul-agent keygen" in result.stderr
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: collects the datagrams the agent sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    async def wait_for(self, field: str) -> None:
+        loop = asyncio.get_running_loop()
+        while not any(field in m.split("\n") for m in self.messages):
+            self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path):
+    bind = free_port()
+    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    notify = NotifySocket(tmp_path / "notify.sock")
+    async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
+        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(notify.path),
+            "WATCHDOG_USEC": "200000",
+            "BACKHAUL_AGENT_SSH_PORT": str(vps.port),
+            "BACKHAUL_AGENT_SSH_USER": "agent",
+            "BACKHAUL_AGENT_KEY_PATH": str(tmp_path / "agent_key"),
+            "BACKHAUL_AGENT_KNOWN_HOSTS": str(tmp_path / "known_hosts"),
+            "BACKHAUL_AGENT_REMOTE_BIND": f"127.0.0.1:{bind}",
+            "BACKHAUL_AGENT_UPSTREAM": sim.url,
+            "BACKHAUL_AGENT_STATE_DIR": str(tmp_path),
+            "BACKHAUL_AGENT_LOG_FORMAT": "json",
+        }
+        with (tmp_path / "agent.log").open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(AGENT, "run", env=env, stderr=log)
+            try:
+                async with asyncio.timeout(15):
+                    await notify.wait_for("READY=1")
+                    await vps.wait_present(True)
+                    await notify.wait_for("WATCHDOG=1")
+                assert any(m.startswith("STATUS=tunnel forwarding") for m in notify.messages)
+                status = orjson.loads((tmp_path / STATUS_FILE).read_bytes())
+                assert status["connected"] is True
+                assert status["pid"] == proc.pid
+
+                # SIGHUP (systemctl reload): a new connection, at once.
+                proc.send_signal(signal.SIGHUP)
+                async with asyncio.timeout(5):
+                    await vps.wait_present(False)
+                    await vps.wait_present(True)
+
+                # SIGTERM: connection closed, exit 0, within a second.
+                start = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(1.0):
+                    assert await proc.wait() == 0
+                    await vps.wait_present(False)
+                assert time.monotonic() - start < 1.0
+                await notify.wait_for("STOPPING=1")
+                status = orjson.loads((tmp_path / STATUS_FILE).read_bytes())
+                assert status["connected"] is False
+                assert status["reconnects"] == 1
+
+                # SIGKILL: no goodbye at all; the server still knows at once (the kernel
+                # closes the socket), so the edge's presence turns false without a timeout.
+                proc = await asyncio.create_subprocess_exec(AGENT, "run", env=env, stderr=log)
+                async with asyncio.timeout(15):
+                    await vps.wait_present(True)
+                proc.kill()
+                async with asyncio.timeout(1.0):
+                    await vps.wait_present(False)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
+                notify.close()
+    events = [
+        orjson.loads(line)["event"]
+        for line in (tmp_path / "agent.log").read_bytes().splitlines()
+        if line.startswith(b"{")
+    ]
+    for event in (
+        "agent.starting",
+        "tunnel.up",
+        "agent.ready",
+        "tunnel.reconnect_requested",
+        "tunnel.down",
+        "agent.stopped",
+    ):
+        assert event in events, event

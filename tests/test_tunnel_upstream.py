@@ -1,0 +1,145 @@
+"""The agent's side of the model server: probe, warm-up, and what the edge sees when it is down."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from agent.notify import Notifier
+from agent.settings import AgentSettings
+from agent.simulator import SimulatorSettings, running_simulator
+from agent.status import StatusBoard
+from agent.upstream import ModelServer
+from edge.app import create_app
+from edge.settings import EdgeSettings
+from edge.sshd import SSH_SERVER
+from edge.state import SESSION, UPSTREAM
+from tests.servers import free_port, serving
+from tests.sshd_fixtures import agent_settings, make_key, pin, public_line, running_tunnel
+
+MODEL = "llama3.2:1b"
+
+
+def settings_for(upstream: str, **overrides: object) -> AgentSettings:
+    values: dict[str, object] = {
+        "upstream": upstream,
+        "probe_interval": 0.05,
+        "probe_timeout": 1.0,
+        "warm_models": [MODEL],
+        "warm_keep_alive": "1h",
+    }
+    values.update(overrides)
+    return AgentSettings(**values)  # type: ignore[arg-type]
+
+
+async def test_warms_at_start_and_again_when_the_server_comes_back(tmp_path: Path):
+    port = free_port()
+    board = StatusBoard(tmp_path / "status.json")
+    server = ModelServer(settings_for(f"http://127.0.0.1:{port}"), board)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(server.run())
+        async with asyncio.timeout(5):
+            await server.wait_down()  # nothing listens yet
+        assert server.reason is not None
+        assert "connect failed" in server.reason
+        for round_ in (1, 2):
+            async with running_simulator(port=port) as sim:
+                async with asyncio.timeout(5):
+                    await server.wait_up()
+                    await server.wait_warmed(round_)
+                loads = [
+                    r.body
+                    for r in sim.stats.requests
+                    if r.path == "/api/generate" and "prompt" not in (r.body or {})
+                ]
+                assert loads == [{"model": MODEL, "keep_alive": "1h"}]
+            async with asyncio.timeout(5):
+                await server.wait_down()
+        task.cancel()
+    assert server.kind == "ollama"
+    assert board.status.upstream_up is False
+    assert board.status.warmed == [MODEL]
+
+
+async def test_openai_only_servers_are_probed_on_v1_models_and_not_warmed():
+    app = web.Application()
+
+    async def models(_request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []})
+
+    app.router.add_get("/v1/models", models)
+    async with serving(app) as url:
+        server = ModelServer(settings_for(url))
+        async with aiohttp.ClientSession() as session:
+            assert await server.probe(session) is True
+            assert server.kind == "openai"
+            assert await server.probe(session) is False  # already up: not "came up"
+
+
+async def test_model_server_down_behind_a_live_tunnel_is_502_at_once(tmp_path: Path):
+    bind, sim_port = free_port(), free_port()
+    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    edge_settings = EdgeSettings(
+        upstream=f"http://127.0.0.1:{bind}",
+        telemetry_path=tmp_path / "telemetry.jsonl",
+        ssh_port=free_port(),
+        ssh_host_key=tmp_path / "ssh_host_ed25519_key",
+        agent_keys=tmp_path / "agent_keys",
+        probe_interval=60,  # the request itself must find out, not the probe
+        read_timeout=60,
+    )
+    app = create_app(edge_settings)
+    body = {"model": MODEL, "prompt": "hi", "stream": False}
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        server = app[SSH_SERVER]
+        pin(tmp_path / "known_hosts", server.port, server.host_public_key)
+        upstream = f"http://127.0.0.1:{sim_port}"
+        agent = agent_settings(tmp_path, server.port, f"127.0.0.1:{bind}", upstream)
+        async with running_tunnel(agent) as tunnel:
+            async with asyncio.timeout(5):
+                await tunnel.wait_up()
+            async with running_simulator(SimulatorSettings(), port=sim_port):
+                assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
+                async with http.post(f"{url}/api/generate", json=body) as r:
+                    assert r.status == 200
+            # The agent is there, its model server is gone: the agent's connect is refused,
+            # the channel is rejected, the edge's connection reset. No timeout anywhere.
+            start = time.monotonic()
+            async with http.post(f"{url}/api/generate", json=body) as r:
+                assert r.status == 502
+                assert (await r.json())["type"] == "upstream_unavailable"
+            assert time.monotonic() - start < 1
+
+
+async def test_notifier_speaks_the_sd_notify_datagram_protocol(tmp_path: Path):
+    name = f"backhaul-test-{time.monotonic_ns()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(f"\0{name}")  # an abstract socket, as systemd's "@..." address
+    sock.setblocking(False)
+    notifier = Notifier(f"@{name}", watchdog_usec=100_000)
+    assert notifier.watchdog_interval == 0.05
+    loop = asyncio.get_running_loop()
+    try:
+        assert notifier.ready("tunnel up")
+        assert await loop.sock_recv(sock, 4096) == b"READY=1\nSTATUS=tunnel up"
+        assert notifier.status("line\nbreak")
+        assert await loop.sock_recv(sock, 4096) == b"STATUS=line break"
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(notifier.run_watchdog())
+            assert await loop.sock_recv(sock, 4096) == b"WATCHDOG=1"
+            assert await loop.sock_recv(sock, 4096) == b"WATCHDOG=1"
+            task.cancel()
+        assert notifier.stopping()
+        assert await loop.sock_recv(sock, 4096) == b"STOPPING=1"
+    finally:
+        notifier.close()
+        sock.close()
+    outside = Notifier(None, watchdog_usec=100_000)
+    assert outside.send("READY=1") is False
+    assert outside.watchdog_interval is None
+    assert Notifier("/x", watchdog_usec=100_000, watchdog_pid=1).watchdog_interval is None
