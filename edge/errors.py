@@ -6,12 +6,15 @@ shared.errors.BackhaulError
     ├── InvalidRequest      400 invalid_request
     ├── Unauthorized        401 unauthorized
     ├── Forbidden           403 forbidden        (model or route not allowed)
+    ├── Banned              403 banned           + Retry-After (too many failed authentications)
     ├── NotFound            404 not_found        (every route not on the allowlist)
     ├── MethodNotAllowed    405 method_not_allowed
+    ├── RequestTimeout      408 request_timeout   (the body did not arrive within body_timeout)
     ├── PayloadTooLarge     413 payload_too_large
     ├── RateLimited         429 rate_limited      + Retry-After
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
+    ├── InvalidModelOutput  502 invalid_model_output (a feature's answer broke its JSON schema)
     ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
     ├── UpstreamBusy        503 upstream_busy     + Retry-After (the model server's queue is full)
     ├── Overloaded          503 overloaded        + Retry-After (our GPU gate is full)
@@ -56,12 +59,20 @@ class Forbidden(EdgeError):
     status, type = 403, "forbidden"
 
 
+class Banned(EdgeError):
+    status, type = 403, "banned"
+
+
 class NotFound(EdgeError):
     status, type = 404, "not_found"
 
 
 class MethodNotAllowed(EdgeError):
     status, type = 405, "method_not_allowed"
+
+
+class RequestTimeout(EdgeError):
+    status, type = 408, "request_timeout"
 
 
 class PayloadTooLarge(EdgeError):
@@ -78,6 +89,10 @@ class InternalError(EdgeError):
 
 class UpstreamUnavailable(EdgeError):
     status, type = 502, "upstream_unavailable"
+
+
+class InvalidModelOutput(EdgeError):
+    status, type = 502, "invalid_model_output"
 
 
 class AgentUnavailable(EdgeError):

@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 from aiohttp import web
 
+from edge.keys import ApiKey
 from edge.routes import Route
 from shared.telemetry import RequestRecord
 
@@ -29,6 +30,8 @@ class Exchange:
     route: Route | None = None
     headers_sent: bool = False
     upstream_s: float = 0.0  # seconds spent waiting on the upstream, for overhead_ms
+    key: ApiKey | None = None  # the caller's API key once authenticated (edge.auth)
+    rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.auth)
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start) * 1000.0

@@ -26,6 +26,7 @@ from aiohttp import hdrs, web
 from edge import ollama
 from edge.errors import (
     AgentUnavailable,
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     UpstreamBusy,
@@ -57,7 +58,18 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         facts = ollama.sanitise(route, body, app[MODELS], app[SETTINGS].max_output_tokens)
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
+        if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
+            raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         payload = orjson.dumps(body)
+    return await forward(request, ex, route, payload)
+
+
+async def forward(
+    request: web.Request, ex: Exchange, route: Route, payload: bytes | None
+) -> web.StreamResponse:
+    """Send a checked `payload` to `route` upstream: 503 at once when the upstream is away, a
+    gate slot for inference, then relay. Feature endpoints (edge.features) call it too."""
+    app = request.app
     monitor = app[UPSTREAM]
     refusal = monitor.refusal()
     if refusal is not None:

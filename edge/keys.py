@@ -1,0 +1,219 @@
+"""API keys: the file format, the hashing, and the store the edge reloads while it serves.
+
+The keys file (`BACKHAUL_EDGE_KEYS_PATH`, JSON, written by `backhaul-edge keys`) holds one entry
+per key: its name, the SHA-256 of its secret, an enabled flag, an optional expiry, a model
+allowlist and its limits (requests and tokens per minute, concurrency). The secret itself is
+shown once by `keys add` and stored nowhere.
+
+Why a fast hash and not bcrypt or argon2: a secret is `bh_` plus 256 random bits, so there is
+nothing to guess and nothing a slow hash would protect; a slow hash only adds its cost (tens of
+ms by design) to every request. A stolen keys file gives SHA-256 digests of 256-bit secrets,
+which no one can invert. The lookup is a dict lookup by digest: its timing depends on the digest
+of what the caller sent, not on the stored secret, so it leaks nothing usable; the final
+`hmac.compare_digest` keeps the comparison itself constant-time as well.
+
+`KeyStore` owns the loaded keys. `watch()` (a task in the app's cleanup context) notices a new
+file (by inode, size and mtime) within `interval` seconds, or at once on `request_reload()`
+(SIGHUP), and swaps the whole table in one assignment: a request in flight keeps the `ApiKey` it
+was admitted with, the next one sees the change. A file that does not parse is refused with one
+log line and the last good keys stay in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import orjson
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge.ollama import canonical_model
+from shared.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+SECRET_PREFIX = "bh_"  # noqa: S105 - a prefix, not a secret
+# `bh_` + 32 random bytes in URL-safe base64 (43 characters, no padding).
+_SECRET = re.compile(r"bh_[A-Za-z0-9_-]{43}")
+_DIGEST_PREFIX = "sha256:"
+KeyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class ApiKey(BaseModel):
+    """One key as stored (never its secret); also what an admitted request carries (`ex.key`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: KeyName
+    hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    enabled: bool = True
+    created: datetime | None = None
+    expires: datetime | None = None
+    # Models this key may use (canonical names); empty = every model the edge allows.
+    models: frozenset[str] = frozenset()
+    rpm: int | None = Field(None, ge=1)  # requests per minute
+    tpm: int | None = Field(None, ge=1)  # tokens (prompt + generated) per minute
+    max_concurrency: int | None = Field(None, ge=1)  # requests in flight at once
+
+    @field_validator("created", "expires")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("times need a UTC offset, e.g. 2027-01-01T00:00:00Z")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _canonical(cls, value: frozenset[str]) -> frozenset[str]:
+        return frozenset(canonical_model(m) for m in value)
+
+    def allows_model(self, model: str) -> bool:
+        return not self.models or canonical_model(model) in self.models
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires.timestamp() <= now
+
+
+class KeysFile(BaseModel):
+    """The whole file: a version and the keys, names unique."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    keys: list[ApiKey] = []
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, value: list[ApiKey]) -> list[ApiKey]:
+        names = [k.name for k in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two keys have the same name")
+        if len({k.hash for k in value}) != len(value):
+            raise ValueError("two keys have the same hash")
+        return value
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def digest(secret: str) -> str:
+    return _DIGEST_PREFIX + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def read_keys_file(path: Path) -> KeysFile:
+    """Parse the keys file. Error handling: anything wrong raises `ConfigError` saying what."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the keys file {path}: {exc.strerror}") from exc
+    try:
+        return KeysFile.model_validate(orjson.loads(raw))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        raise ConfigError(f"the keys file {path} is invalid: {exc}") from exc
+
+
+def write_keys_file(path: Path, keys: KeysFile) -> None:
+    """Replace the file atomically (the edge never reads half a file), readable by owner only."""
+    data = orjson.dumps(
+        keys.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class KeyStore:
+    """The keys in force, looked up by the digest of a presented secret."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self.generation = 0  # bumped on every successful load
+        self.present = False  # a keys file was loaded at least once
+        self._by_hash: dict[str, ApiKey] = {}
+        self._seen: tuple[int, int, int, int] | None = None
+        self._wake = asyncio.Event()
+        self._loaded = asyncio.Condition()
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        """The key whose secret this is, enabled or not; None for anything else."""
+        if not _SECRET.fullmatch(secret):
+            return None
+        wanted = digest(secret)
+        key = self._by_hash.get(wanted)
+        if key is None or not hmac.compare_digest(key.hash, wanted):
+            return None
+        return key
+
+    def load(self) -> bool:
+        """Load the file if it changed since the last look; True when new keys took effect.
+
+        Small and local, so it is read on the event loop; a broken file is logged once per
+        version of it and the last good keys stay.
+        """
+        signature = _signature(self.path)
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        if signature is None:
+            if self.present:
+                log.warning("keys.file_missing", path=str(self.path), kept=len(self._by_hash))
+            return False
+        try:
+            parsed = read_keys_file(self.path)
+        except ConfigError as exc:
+            log.error(
+                "keys.reload_refused", path=str(self.path), error=str(exc), kept=len(self._by_hash)
+            )
+            return False
+        self._by_hash = {key.hash: key for key in parsed.keys}
+        self.present = True
+        self.generation += 1
+        log.info("keys.loaded", path=str(self.path), keys=len(parsed.keys))
+        return True
+
+    def request_reload(self) -> None:
+        """Look at the file now rather than at the next poll (SIGHUP)."""
+        self._wake.set()
+
+    async def watch(self, interval: float) -> None:
+        """Reload on change, every `interval` seconds or when woken, until cancelled."""
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self.load():
+                async with self._loaded:
+                    self._loaded.notify_all()
+
+    async def wait_generation(self, generation: int) -> None:
+        """Return once keys of at least `generation` are in force (tests, tooling)."""
+        async with self._loaded:
+            await self._loaded.wait_for(lambda: self.generation >= generation)
