@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from edge import proxy
+from edge import metrics, proxy
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -86,6 +86,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
         app.router.add_route(route.method, route.path, proxy.proxy)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    metrics.setup(app)
     app.on_response_prepare.append(_response_headers)
     return app
 
@@ -161,6 +162,7 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
             ex.record.overhead_ms = round(ex.overhead_ms(), 3)
         if path not in UNLOGGED_PATHS:
             request.app[TELEMETRY].write(ex.record)
+        request.app[metrics.METRICS].observe(ex.record)  # never raises
 
 
 def _fail(ex: Exchange, err: EdgeError) -> web.Response:

@@ -6,7 +6,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BackhaulSettings
@@ -33,6 +33,8 @@ class EdgeSettings(BackhaulSettings):
     models: list[str] = []
     cors_origins: list[str] = []
     trusted_proxies: list[str] = []
+    # Bearer token that lets a non-loopback scraper read /metrics; unset = loopback only.
+    metrics_token: SecretStr | None = None
 
     # The GPU gate: upstream requests in flight, queued requests, longest wait in the queue (s).
     max_inflight: int = Field(2, ge=1)

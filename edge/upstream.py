@@ -62,12 +62,28 @@ class UpstreamMonitor:
         self._reason = "not probed yet"
         self._since = time.time()
         self._agent_present: bool | None = None
+        # Times the agent became reachable (the metrics' connects and reconnects).
+        self.agent_connects = 0
+        self._connected = False
         self._waiting: set[asyncio.Timeout] = set()
         self._wake = asyncio.Event()
 
     @property
     def status(self) -> Status:
         return Status(self._state, self._reason, self._since, self._agent_present)
+
+    @property
+    def agent_connected(self) -> bool:
+        """The tunnel is up: the SSH server says so or, presence unknown, the probe reaches it."""
+        if self._agent_present is not None:
+            return self._agent_present
+        return self._state in (State.UP, State.MODEL_SERVER_DOWN)
+
+    def _count_connect(self) -> None:
+        connected = self.agent_connected
+        if connected and not self._connected:
+            self.agent_connects += 1
+        self._connected = connected
 
     def refusal(self) -> EdgeError | None:
         """The error to answer at once, or None if a request should go upstream."""
@@ -94,6 +110,7 @@ class UpstreamMonitor:
         log.info("upstream.agent_presence", present=present)
         if present is False:
             self._set(State.AGENT_ABSENT, "agent disconnected")
+        self._count_connect()
         self._wake.set()  # probe now: a new agent should be usable at once
 
     def report(self, state: State, reason: str) -> None:
@@ -120,6 +137,7 @@ class UpstreamMonitor:
             self._reason = reason
             return
         previous, self._state, self._reason, self._since = self._state, state, reason, time.time()
+        self._count_connect()
         if state is State.UP:
             log.info("upstream.up", previous=previous.value)
         else:

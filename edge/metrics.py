@@ -1,0 +1,302 @@
+"""Prometheus `/metrics`: what the edge has served, and the live state of its gate and upstream.
+
+Counters and histograms are fed from one place, the request middleware's `finally` in
+`edge.app`, with the same `RequestRecord` that becomes the telemetry line, so the two never
+disagree about what a request was; the telemetry line stays the source of truth and carries what
+metrics cannot (the request id, the client). Gauges (in flight, queued, agent connected, the
+upstream's state) are read from the live objects at scrape time by `_LiveCollector`, so they are
+never stale and cost nothing between scrapes.
+
+Every label set is bounded, because each distinct label value is a time series kept forever by
+Prometheus: routes come from the allowlist (anything else is `other`), models only when the
+model allowlist names them or the model server actually served them, and every label has a cap
+on distinct values past which new ones become `other`.
+
+Each app has its own `CollectorRegistry` (the tests build many apps in one process), and
+`observe()` never raises into the request path: a metrics bug is logged once and skipped.
+
+Access: `/metrics` answers a loopback peer that did not come through a proxy, or anyone with the
+metrics token (`BACKHAUL_EDGE_METRICS_TOKEN`, as `Authorization: Bearer ...`, compared in
+constant time). A TLS proxy on the same VPS connects from loopback, so a request carrying a
+forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is not treated as local.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Iterator, Mapping
+from ipaddress import ip_address
+
+import prometheus_client
+import structlog
+from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from pydantic import SecretStr
+
+from edge.errors import Forbidden
+from edge.ollama import canonical_model
+from edge.routes import BY_PATH
+from edge.state import GATE, SETTINGS, TELEMETRY, UPSTREAM
+from edge.upstream import State
+from shared.telemetry import RequestRecord
+
+log = structlog.get_logger(__name__)
+
+# No `_created` series beside every counter and histogram: they double what each scrape carries
+# and Prometheus does not need them (process-wide, and this process is the edge).
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
+
+OTHER = "other"
+# The edge's own routes, labelled by name like the allowlisted ones.
+_EDGE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/demo"})
+# Distinct values kept per label before new ones become "other": a few dozen models or
+# features, a few hundred keys, are what one workstation serves; past that it is an attack or a
+# bug, and a series per value would bloat every scrape.
+_MAX_MODELS = 32
+_MAX_FEATURES = 64
+_MAX_KEYS = 256
+_MAX_REASONS = 32
+# Headers a reverse proxy adds: a request carrying one came from outside, even from loopback.
+_FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+
+# Histogram buckets, in seconds or tokens/s, shaped for an LLM behind a tunnel: a refusal takes
+# milliseconds, a long generation minutes; a laptop GPU makes 5 tok/s, a big one a few hundred.
+_DURATION_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+_TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_QUEUE_BUCKETS_S = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOK_PER_S_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500)
+
+
+class _Bounded:
+    """A label's values: the first `limit` distinct ones are kept, later ones become `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class EdgeMetrics:
+    """The edge's Prometheus registry and the counters fed from each request's record."""
+
+    def __init__(self, app: web.Application) -> None:
+        settings = app[SETTINGS]
+        self._allowed_models = frozenset(canonical_model(m) for m in settings.models)
+        self._models = _Bounded(_MAX_MODELS)
+        self._features = _Bounded(_MAX_FEATURES)
+        self._keys = _Bounded(_MAX_KEYS)
+        self._reasons = _Bounded(_MAX_REASONS)
+        self._failed = False
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "backhaul_requests",
+            "Requests answered, by route (or /features/NAME), status, model and key name.",
+            ["route", "status", "model", "key"],
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "backhaul_request_outcomes",
+            "Requests by how they ended: ok, error, client_gone, upstream_broken.",
+            ["outcome"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "backhaul_rejected_requests",
+            "Requests that ended in an error, by its type (the `type` of the error body).",
+            ["reason"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "backhaul_request_duration_seconds",
+            "Time from the request's arrival to its last byte, at the edge.",
+            ["route"],
+            buckets=_DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "backhaul_upstream_ttfb_seconds",
+            "Time from sending a request upstream to the model server's response headers.",
+            ["route"],
+            buckets=_TTFB_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "backhaul_queue_wait_seconds",
+            "Time inference requests waited for a GPU slot in the edge's gate.",
+            buckets=_QUEUE_BUCKETS_S,
+            registry=r,
+        )
+        self.tok_per_s = Histogram(
+            "backhaul_tokens_per_second",
+            "Generation speed of each answer (eval_count / eval_duration), by model.",
+            ["model"],
+            buckets=_TOK_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "backhaul_tokens",
+            "Tokens by direction (prompt: read by the model, completion: generated), model, key.",
+            ["kind", "model", "key"],
+            registry=r,
+        )
+        r.register(_LiveCollector(app))
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count one finished request. Never raises: a failure is logged once, then skipped."""
+        try:
+            self._observe(record)
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                log.exception("metrics.observe_failed", request_id=record.id)
+
+    def _observe(self, record: RequestRecord) -> None:
+        route = self.route_label(record)
+        model = self.model_label(record)
+        key = self._keys(record.key) if record.key else ""
+        self.requests.labels(route, str(record.status), model, key).inc()
+        self.outcomes.labels(self._reasons(record.outcome)).inc()
+        if record.type is not None:
+            self.rejected.labels(self._reasons(record.type)).inc()
+        self.duration.labels(route).observe(record.elapsed_ms / 1000.0)
+        if record.ttfb_ms is not None:
+            self.ttfb.labels(route).observe(record.ttfb_ms / 1000.0)
+        if record.queue_ms is not None:
+            self.queue_wait.observe(record.queue_ms / 1000.0)
+        if record.tok_per_s is not None:
+            self.tok_per_s.labels(model).observe(record.tok_per_s)
+        if record.prompt_tokens:
+            self.tokens.labels("prompt", model, key).inc(record.prompt_tokens)
+        if record.tokens:
+            self.tokens.labels("completion", model, key).inc(record.tokens)
+
+    def route_label(self, record: RequestRecord) -> str:
+        if record.feature:
+            return "/features/" + self._features(record.feature)
+        if record.route in BY_PATH or record.route in _EDGE_ROUTES:
+            return record.route
+        return OTHER
+
+    def model_label(self, record: RequestRecord) -> str:
+        """The model, when it is a bounded value: on the allowlist, or served by the upstream."""
+        if not record.model:
+            return ""
+        name = canonical_model(record.model)
+        if self._allowed_models:
+            return name if name in self._allowed_models else OTHER
+        # No allowlist: any string a client sends passes to the model server, which refuses
+        # the ones it does not have; only what it served is a real model.
+        return self._models(name) if 0 < record.status < 400 else OTHER
+
+
+class _LiveCollector(Collector):
+    """Gauges read from the live gate, upstream monitor and telemetry writer at scrape time."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # the families depend on live objects; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self._app[GATE]
+        yield _gauge(
+            "backhaul_inflight_requests", "Requests holding a GPU slot now.", gate.inflight
+        )
+        yield _gauge(
+            "backhaul_queued_requests", "Requests waiting for a GPU slot now.", gate.queued
+        )
+        yield _gauge(
+            "backhaul_gate_slots", "GPU slots (BACKHAUL_EDGE_MAX_INFLIGHT).", gate.max_inflight
+        )
+        monitor = self._app.get(UPSTREAM)
+        if monitor is not None:
+            status = monitor.status
+            yield _gauge(
+                "backhaul_agent_connected",
+                "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
+                int(monitor.agent_connected),
+            )
+            reconnects = CounterMetricFamily(
+                "backhaul_agent_reconnects",
+                "Times the agent's tunnel came back after the first connection.",
+            )
+            reconnects.add_metric([], max(0, monitor.agent_connects - 1))
+            yield reconnects
+            states = GaugeMetricFamily(
+                "backhaul_upstream_state",
+                "The model server as the edge sees it: 1 for the current state.",
+                labels=["state"],
+            )
+            for state in State:
+                states.add_metric([state.value], int(state is status.state))
+            yield states
+            yield _gauge(
+                "backhaul_upstream_state_since_seconds",
+                "Unix time of the upstream state's last change.",
+                status.since,
+            )
+        telemetry = self._app.get(TELEMETRY)
+        if telemetry is not None:
+            lines = CounterMetricFamily(
+                "backhaul_telemetry_lines",
+                "JSONL telemetry lines, by result: written, or dropped on a failing disk.",
+                labels=["result"],
+            )
+            lines.add_metric(["written"], telemetry.written)
+            lines.add_metric(["dropped"], telemetry.dropped)
+            yield lines
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def may_scrape(peer: str | None, headers: Mapping[str, str], token: SecretStr | None) -> bool:
+    """Whether a scraper at `peer` with `headers` may read the metrics (see the module doc)."""
+    if token is not None:
+        scheme, _, supplied = headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), expected):
+            return True
+    if any(name in headers for name in _FORWARDING_HEADERS):
+        return False
+    try:
+        return peer is not None and ip_address(peer).is_loopback
+    except ValueError:  # a Unix socket peer has no IP address
+        return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """`GET /metrics` in the format the scraper asks for (Prometheus text or OpenMetrics)."""
+    if not may_scrape(request.remote, request.headers, request.app[SETTINGS].metrics_token):
+        raise Forbidden(
+            "metrics are served to loopback scrapers, or with the metrics token as a bearer token"
+        )
+    encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+    body = encoder(request.app[METRICS].registry)
+    return web.Response(
+        body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.CACHE_CONTROL: "no-store"}
+    )
+
+
+def setup(app: web.Application) -> None:
+    """Give `app` its registry and its `GET /metrics` route; call after `app[GATE]` is set."""
+    app[METRICS] = EdgeMetrics(app)
+    app.router.add_get("/metrics", metrics)
+
+
+METRICS = web.AppKey("metrics", EdgeMetrics)

@@ -1,0 +1,236 @@
+"""`/metrics`: parsed back with prometheus-client's own parser and checked against what was sent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from edge.metrics import METRICS, OTHER, may_scrape
+from edge.state import GATE, SESSION, UPSTREAM
+from shared.telemetry import RequestRecord
+from tests.servers import edge, simulator
+
+GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, url: str, **headers: str) -> Samples:
+    async with http.get(f"{url}/metrics", headers=headers) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum over every series of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+async def test_counters_match_the_requests_made(tmp_path: Path, http: aiohttp.ClientSession):
+    async with simulator(reply_tokens=9) as sim, edge(sim.url, tmp_path) as e:
+        for _ in range(3):
+            async with http.post(f"{e.url}/api/generate", json=GEN) as r:
+                assert r.status == 200
+        chat = {"model": "llama3.2:1b", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{e.url}/api/chat", json=chat) as r:
+            assert r.status == 200
+            await r.read()
+        async with http.post(f"{e.url}/api/pull", json={"model": "x"}) as r:
+            assert r.status == 404
+        async with http.post(f"{e.url}/api/generate", data=b"{not json") as r:
+            assert r.status == 400
+        async with http.get(f"{e.url}/api/pul%6c") as r:
+            assert r.status == 404
+        records = await e.records()  # waits for the lines to be written
+        m = await scrape(http, e.url)
+
+    reqs = "backhaul_requests_total"
+    assert value(m, reqs, route="/api/generate", status="200", model="llama3.2:1b", key="") == 3
+    assert value(m, reqs, route="/api/chat", status="200", model="llama3.2:1b", key="") == 1
+    assert value(m, reqs, route="/api/generate", status="400", model="", key="") == 1
+    assert value(m, reqs, route=OTHER, status="404", model="", key="") == 2
+    # Every logged request is counted once, and by the same status (the scrape is not logged).
+    counted = {
+        (dict(ls)["route"], dict(ls)["status"]): v
+        for (n, ls), v in m.items()
+        if n == reqs and dict(ls)["route"] != "/metrics"
+    }
+    assert sum(counted.values()) == len(records) == 7
+    for status in {r["status"] for r in records}:
+        logged = sum(1 for r in records if r["status"] == status)
+        assert sum(v for (_, s), v in counted.items() if s == str(status)) == logged
+
+    assert value(m, "backhaul_rejected_requests_total", reason="not_found") == 2
+    assert value(m, "backhaul_rejected_requests_total", reason="invalid_request") == 1
+    assert value(m, "backhaul_request_outcomes_total", outcome="ok") == 4
+    assert value(m, "backhaul_request_outcomes_total", outcome="error") == 3
+    duration = "backhaul_request_duration_seconds_count"
+    assert value(m, duration, route="/api/generate") == 4
+    assert value(m, duration, route="/api/chat") == 1
+    assert value(m, "backhaul_upstream_ttfb_seconds_count", route="/api/generate") == 3
+    assert value(m, "backhaul_queue_wait_seconds_count") == 4
+    assert value(m, "backhaul_tokens_per_second_count", model="llama3.2:1b") == 4
+    completion = value(m, "backhaul_tokens_total", kind="completion", model="llama3.2:1b", key="")
+    assert completion == 4 * 9 == sum(r["tokens"] or 0 for r in records)
+    prompt = value(m, "backhaul_tokens_total", kind="prompt", model="llama3.2:1b", key="")
+    assert prompt == sum(r["prompt_tokens"] or 0 for r in records) > 0
+    # Histogram buckets are cumulative and end at the count.
+    assert (
+        value(m, "backhaul_request_duration_seconds_bucket", route="/api/generate", le="+Inf") == 4
+    )
+    # Live state.
+    assert value(m, "backhaul_agent_connected") == 1
+    assert value(m, "backhaul_upstream_state", state="up") == 1
+    assert value(m, "backhaul_upstream_state", state="agent_absent") == 0
+    assert value(m, "backhaul_inflight_requests") == 0
+    assert value(m, "backhaul_gate_slots") == 2
+    assert value(m, "backhaul_telemetry_lines_total", result="written") == 7
+
+
+async def test_gauges_show_a_held_stream_and_a_queued_request(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    # 60 tokens at 30 tok/s: a 2 s stream, cut short by the test once it has been seen.
+    async with (
+        simulator(reply_tokens=60, tok_per_s=30) as sim,
+        edge(sim.url, tmp_path, max_inflight=1) as e,
+    ):
+        gate = e.app[GATE]
+        payload = {**GEN, "stream": True}
+        async with http.post(f"{e.url}/api/generate", json=payload) as held:
+            assert held.status == 200
+            await held.content.readline()  # the first token: the slot is held
+            second = asyncio.ensure_future(http.post(f"{e.url}/api/generate", json=GEN))
+            try:
+                async with asyncio.timeout(5):
+                    # The gate has no event to wait on: poll, bounded by the timeout.
+                    while gate.queued < 1:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                m = await scrape(http, e.url)
+                assert value(m, "backhaul_inflight_requests") == 1
+                assert value(m, "backhaul_queued_requests") == 1
+            finally:
+                second.cancel()
+                await asyncio.gather(second, return_exceptions=True)
+        # The held stream was dropped by its client: the edge closed its upstream request and
+        # gave the slot back in the same unwinding, before the simulator saw the close.
+        async with asyncio.timeout(5):
+            await sim.stats.wait_cancelled()
+        assert gate.inflight == 0 and gate.queued == 0
+        m = await scrape(http, e.url)
+        assert value(m, "backhaul_inflight_requests") == 0
+        assert value(m, "backhaul_queued_requests") == 0
+        assert value(m, "backhaul_request_outcomes_total", outcome="client_gone") >= 1
+
+
+async def test_agent_connects_and_upstream_state(tmp_path: Path, http: aiohttp.ClientSession):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        monitor = e.app[UPSTREAM]
+        await monitor.probe(e.app[SESSION])
+        # What the embedded SSH server reports: the agent drops, then comes back twice.
+        for present in (True, False, True, False, True):
+            monitor.set_agent_present(present)
+        m = await scrape(http, e.url)
+        assert value(m, "backhaul_agent_connected") == 1
+        assert value(m, "backhaul_agent_reconnects_total") == 2
+        monitor.set_agent_present(False)
+        m = await scrape(http, e.url)
+        assert value(m, "backhaul_agent_connected") == 0
+        assert value(m, "backhaul_upstream_state", state="agent_absent") == 1
+        assert value(m, "backhaul_upstream_state", state="up") == 0
+        # A request refused while the agent is away is a rejection by reason.
+        async with http.post(f"{e.url}/api/generate", json=GEN) as r:
+            assert r.status == 503
+        m = await scrape(http, e.url)
+        assert value(m, "backhaul_rejected_requests_total", reason="agent_unavailable") == 1
+
+
+async def test_token_lets_a_proxied_scraper_in(tmp_path: Path, http: aiohttp.ClientSession):
+    async with simulator() as sim, edge(sim.url, tmp_path, metrics_token="s3cret-token") as e:
+        # Through a TLS proxy on the same machine the peer is loopback, but the request is not
+        # local: without the token it is refused.
+        proxied = {"X-Forwarded-For": "198.51.100.7"}
+        async with http.get(f"{e.url}/metrics", headers=proxied) as r:
+            assert r.status == 403
+            body = orjson.loads(await r.read())
+            assert body["error"]["type"] == "forbidden"
+        bad = {**proxied, "Authorization": "Bearer s3cret-tokem"}
+        async with http.get(f"{e.url}/metrics", headers=bad) as r:
+            assert r.status == 403
+        m = await scrape(http, e.url, Authorization="Bearer s3cret-token", **proxied)
+        refused = value(
+            m, "backhaul_requests_total", route="/metrics", status="403", model="", key=""
+        )
+        assert refused == 2
+        # A direct loopback scrape needs no token.
+        await scrape(http, e.url)
+        assert not (tmp_path / "telemetry.jsonl").exists()  # scrapes are not logged
+
+
+def test_access_decision():
+    token = SecretStr("t0ken")
+    assert may_scrape("127.0.0.1", {}, None)
+    assert may_scrape("::1", {}, None)
+    assert not may_scrape("203.0.113.9", {}, None)
+    assert not may_scrape("203.0.113.9", {}, token)
+    assert not may_scrape("203.0.113.9", {"Authorization": "Bearer wrong"}, token)
+    assert not may_scrape("203.0.113.9", {"Authorization": "Basic t0ken"}, token)
+    assert may_scrape("203.0.113.9", {"Authorization": "Bearer t0ken"}, token)
+    assert may_scrape("203.0.113.9", {"Authorization": "bearer t0ken"}, token)
+    assert not may_scrape("203.0.113.9", {"Authorization": "Bearer t0ken"}, None)
+    assert not may_scrape("127.0.0.1", {"Forwarded": "for=198.51.100.7"}, None)
+    assert not may_scrape("127.0.0.1", {"X-Real-IP": "198.51.100.7"}, None)
+    assert not may_scrape(None, {}, None)
+    assert not may_scrape("not-an-ip", {}, None)
+
+
+async def test_labels_stay_bounded(tmp_path: Path):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        metrics = e.app[METRICS]
+
+        def rec(**fields: Any) -> RequestRecord:
+            return RequestRecord(id="x", method="POST", route="/api/generate", **fields)
+
+        # No model allowlist: only models the model server served become labels, at most 32.
+        assert metrics.model_label(rec(model="llama3.2:1b", status=200)) == "llama3.2:1b"
+        assert metrics.model_label(rec(model="nonsense", status=404)) == OTHER
+        labels = {metrics.model_label(rec(model=f"m{i}", status=200)) for i in range(100)}
+        assert len(labels) == 32  # 31 new names and "other" (the first slot was llama3.2:1b)
+        assert metrics.route_label(rec()) == "/api/generate"
+        assert metrics.route_label(RequestRecord(id="x", method="GET", route="/a/b")) == OTHER
+        assert metrics.route_label(rec(feature="summarise")) == "/features/summarise"
+
+    async with simulator() as sim, edge(sim.url, tmp_path, models=["llama3.2:1b"]) as e:
+        metrics = e.app[METRICS]
+        assert metrics.model_label(rec(model="llama3.2:1b", status=500)) == "llama3.2:1b"
+        assert metrics.model_label(rec(model="qwen2.5:0.5b", status=200)) == OTHER
+
+
+async def test_observe_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        metrics = e.app[METRICS]
+        broken = RequestRecord(id="x", method="POST", route="/api/generate", status=200)
+        broken.tokens = -1  # a counter refuses to go down: prometheus-client raises
+        metrics.observe(broken)
+        metrics.observe(broken)  # logged once, skipped both times
+        ok = RequestRecord(id="y", method="GET", route="/healthz", status=200)
+        metrics.observe(ok)
+        count = metrics.requests.labels("/healthz", "200", "", "")._value.get()
+        assert count == 1
