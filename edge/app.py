@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from edge import metrics, proxy
+from edge import demo, metrics, proxy
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -87,6 +87,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     metrics.setup(app)
+    demo.setup(app)
     app.on_response_prepare.append(_response_headers)
     return app
 

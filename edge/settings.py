@@ -35,6 +35,8 @@ class EdgeSettings(BackhaulSettings):
     trusted_proxies: list[str] = []
     # Bearer token that lets a non-loopback scraper read /metrics; unset = loopback only.
     metrics_token: SecretStr | None = None
+    # Serve the browser demo page (docs/demo.html) at /demo.
+    demo_page: bool = False
 
     # The GPU gate: upstream requests in flight, queued requests, longest wait in the queue (s).
     max_inflight: int = Field(2, ge=1)

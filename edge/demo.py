@@ -1,0 +1,42 @@
+"""`GET /demo`: the browser demo page, when `BACKHAUL_EDGE_DEMO_PAGE=true`.
+
+The page is one static file, `edge/demo.html`, shipped in the package; `docs/demo.html` is the
+same file for website developers to copy (a test keeps the two identical). Served by the edge it
+calls the edge on its own origin, so it works without any CORS setting; copied to another site
+it needs that site's origin in `BACKHAUL_EDGE_CORS_ORIGINS`.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from aiohttp import hdrs, web
+
+from edge.state import SETTINGS
+
+PAGE = files("edge").joinpath("demo.html")
+
+# The page is all inline (so it can be copied as one file) and talks to whatever base URL its
+# user types; nothing else is allowed: no framing, no other scripts, no referrer.
+_HEADERS = {
+    hdrs.CONTENT_TYPE: "text/html; charset=utf-8",
+    hdrs.CACHE_CONTROL: "no-cache",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src *; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def setup(app: web.Application) -> None:
+    """Add `GET /demo` to `app` when the settings turn the page on (read once, here)."""
+    if not app[SETTINGS].demo_page:
+        return
+    body = PAGE.read_bytes()
+
+    async def demo_page(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers=_HEADERS)
+
+    app.router.add_get("/demo", demo_page)
