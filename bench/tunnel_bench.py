@@ -1,0 +1,403 @@
+"""`python -m bench.tunnel_bench`: the whole pair, edge -> tunnel -> model server, in both modes.
+
+Paths measured, every server a separate process on 127.0.0.1, the load generated here:
+  direct           client -> simulator
+  tunnel embedded  client -> edge's embedded SSH server forward -> agent -> simulator
+  tunnel sshd      client -> OpenSSH sshd forward -> agent -> simulator
+  edge+embedded    client -> edge (embedded SSH server on) -> forward -> agent -> simulator
+  edge+sshd        client -> edge -> OpenSSH sshd forward -> agent -> simulator
+  ssh -R           client -> sshd forward -> OpenSSH `ssh -N -R` client -> simulator
+  nginx+ssh -R     client -> nginx -> the same `ssh -N -R` forward -> simulator
+The two `ssh -R` rows are the do-it-yourself baseline (skipped if nginx or ssh is missing).
+
+W1: non-streamed /api/generate, 64 tokens, concurrency 1 and 32 (p50/p99, req/s), `--rounds`
+rounds alternating the paths; per path the round with the median figure is kept.
+W2: streamed, 256 tokens at 290 tok/s, 64 streams in flight: time to first byte.
+Bulk: a 20 MB streamed response (a blob server stands in for the model server): MB/s.
+Targets (issue 3): W1 c=1 p99 within 2 ms of direct; c=32 >= 25% of direct's req/s;
+20 MB at >= 150 MB/s. Every run is bounded by a request count and `load.RUN_DEADLINE_S`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import aiohttp
+import asyncssh
+from aiohttp import web
+
+from bench import load, procs
+
+AGENT = str(procs.BIN / "backhaul-agent")
+EDGE = str(procs.BIN / "backhaul-edge")
+BLOB_MB = 20
+# As bench/run.py: the gate out of the way (the simulator has 64 slots), no API keys.
+EDGE_ENV = {"max_inflight": "64", "queue_max": "4096", "log_level": "warning", "auth": "none"}
+
+
+@contextmanager
+def process(
+    args: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[None]:
+    """Run `args` (stderr to `log`) until the block ends; yields once `port` accepts."""
+    with log.open("ab") as err:
+        proc = subprocess.Popen(
+            args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        procs.wait_port(port)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args[0]} exited {proc.returncode}; see {log}")
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_key(path: Path) -> str:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path.write_bytes(key.export_private_key("openssh"))
+    path.chmod(0o600)
+    public = key.export_public_key("openssh").decode().strip()
+    Path(f"{path}.pub").write_text(public + "\n")
+    return public
+
+
+@contextmanager
+def sshd(tmp: Path, agent_pub: str, agent_bind: int, ssh_pub: str, ssh_bind: int) -> Iterator[int]:
+    """OpenSSH sshd configured as docs/deploy.md says, for the current user; yields its port."""
+    port = procs.free_port()
+    host_pub = write_key(tmp / "sshd_host_key")
+    lines = [
+        f'restrict,port-forwarding,permitlisten="127.0.0.1:{agent_bind}",command="/bin/false" '
+        f"{agent_pub}",
+        f'restrict,port-forwarding,permitlisten="127.0.0.1:{ssh_bind}",command="/bin/false" '
+        f"{ssh_pub}",
+    ]
+    (tmp / "authorized_keys").write_text("\n".join(lines) + "\n")
+    config = tmp / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp}/sshd_host_key\n"
+        f"PidFile {tmp}/sshd.pid\nAuthorizedKeysFile {tmp}/authorized_keys\nStrictModes no\n"
+        "UsePAM yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nAllowTcpForwarding no\nPermitTTY no\n"
+        f"X11Forwarding no\nLogLevel ERROR\nMatch User {getpass.getuser()}\n"
+        f"    AllowTcpForwarding remote\n    PermitListen 127.0.0.1:{agent_bind} "
+        f"127.0.0.1:{ssh_bind}\n    ClientAliveInterval 10\n    ClientAliveCountMax 3\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    (tmp / "sshd_known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
+    with process(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], port, tmp / "sshd.log"):
+        yield port
+
+
+def nginx_conf(tmp: Path, port: int, upstream_port: int) -> Path:
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""{user}worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx_body;
+    proxy_temp_path {tmp}/nginx_proxy;
+    upstream tunnel {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 20m;
+        location / {{
+            proxy_pass http://tunnel;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host 127.0.0.1;  # Ollama answers 403 to other hosts
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+    )
+    return conf
+
+
+@contextmanager
+def stack(tmp: Path, upstream: str, baseline: bool) -> Iterator[dict[str, str]]:
+    """Both modes of the pair (and the baseline) in front of `upstream`; yields name -> URL."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    agent_pub = write_key(tmp / "agent_key")
+    ssh_pub = write_key(tmp / "ssh_key")
+    (tmp / "agent_keys").write_text(agent_pub + "\n")
+    edge_host_pub = write_key(tmp / "edge_host_key")  # the edge uses it instead of making one
+    b_emb, b_sshd, b_ssh, k_emb = (procs.free_port() for _ in range(4))
+    e_emb, e_sshd, n_port = (procs.free_port() for _ in range(3))
+    (tmp / "edge_known_hosts").write_text(f"[127.0.0.1]:{k_emb} {edge_host_pub}\n")
+    urls = {"direct": upstream}
+
+    def edge_env(port: int, bind: int, **extra: str) -> dict[str, str]:
+        values = {**EDGE_ENV, "port": str(port), "upstream": f"http://127.0.0.1:{bind}", **extra}
+        values["telemetry_path"] = str(tmp / f"telemetry-{port}.jsonl")
+        values["keys_path"] = str(tmp / f"keys-{port}.json")
+        values["bans_path"] = str(tmp / f"bans-{port}.json")
+        return {f"BACKHAUL_EDGE_{k.upper()}": v for k, v in values.items()}
+
+    def agent_env(ssh_port: int, known: str, bind: int) -> dict[str, str]:
+        values = {
+            "ssh_port": str(ssh_port),
+            "ssh_user": getpass.getuser(),
+            "key_path": str(tmp / "agent_key"),
+            "known_hosts": str(tmp / known),
+            "remote_bind": f"127.0.0.1:{bind}",
+            "upstream": upstream,
+            "state_dir": str(tmp),
+            "log_format": "json",
+        }
+        return {f"BACKHAUL_AGENT_{k.upper()}": v for k, v in values.items()}
+
+    with ExitStack() as stack_:
+        ssh_port = stack_.enter_context(sshd(tmp, agent_pub, b_sshd, ssh_pub, b_ssh))
+        env = edge_env(
+            e_emb,
+            b_emb,
+            ssh_port=str(k_emb),
+            ssh_host_key=str(tmp / "edge_host_key"),
+            agent_keys=str(tmp / "agent_keys"),
+        )
+        stack_.enter_context(process([EDGE, "serve"], e_emb, tmp / "edge-embedded.log", env))
+        stack_.enter_context(
+            process(
+                [AGENT, "run"],
+                b_emb,
+                tmp / "agent-embedded.log",
+                agent_env(k_emb, "edge_known_hosts", b_emb),
+            )
+        )
+        urls["tunnel embedded"] = f"http://127.0.0.1:{b_emb}"
+        urls["edge+embedded"] = f"http://127.0.0.1:{e_emb}"
+        env = edge_env(e_sshd, b_sshd, ssh_port="0")
+        stack_.enter_context(process([EDGE, "serve"], e_sshd, tmp / "edge-sshd.log", env))
+        stack_.enter_context(
+            process(
+                [AGENT, "run"],
+                b_sshd,
+                tmp / "agent-sshd.log",
+                agent_env(ssh_port, "sshd_known_hosts", b_sshd),
+            )
+        )
+        urls["tunnel sshd"] = f"http://127.0.0.1:{b_sshd}"
+        urls["edge+sshd"] = f"http://127.0.0.1:{e_sshd}"
+        if baseline:
+            port = upstream.rpartition(":")[2]
+            ssh_args = [
+                "ssh", "-N", "-q", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                "-o", f"UserKnownHostsFile={tmp}/sshd_known_hosts", "-F", "none",
+                "-o", "StrictHostKeyChecking=yes", "-i", str(tmp / "ssh_key"),
+                "-p", str(ssh_port), "-R", f"127.0.0.1:{b_ssh}:127.0.0.1:{port}",
+                f"{getpass.getuser()}@127.0.0.1",
+            ]  # fmt: skip
+            stack_.enter_context(process(ssh_args, b_ssh, tmp / "ssh.log"))
+            urls["ssh -R"] = f"http://127.0.0.1:{b_ssh}"
+            conf = nginx_conf(tmp, n_port, b_ssh)
+            stack_.enter_context(
+                process(["nginx", "-p", str(tmp), "-c", str(conf)], n_port, tmp / "nginx.log")
+            )
+            urls["nginx+ssh -R"] = f"http://127.0.0.1:{n_port}"
+        _wait_ready([urls["edge+embedded"], urls["edge+sshd"]])
+        yield urls
+
+
+def _wait_ready(edges: list[str]) -> None:
+    """Until each edge's /readyz says 200 (its probe has seen the model server)."""
+
+    async def wait() -> None:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            for url in edges:
+                while True:
+                    async with session.get(f"{url}/readyz") as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.1)
+
+    asyncio.run(wait())
+
+
+# The blob server: a stand-in model server whose streamed answer is BLOB_MB megabytes.
+
+
+def blob_app(megabytes: int) -> web.Application:
+    line = b'{"model":"blob","response":"' + b"x" * (1024 * 1024 - 40) + b'","done":false}\n'
+    final = b'{"model":"blob","response":"","done":true,"eval_count":1,"eval_duration":1}\n'
+
+    async def version(_request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.0.0-blob"})
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for _ in range(megabytes):
+            await response.write(line)
+        await response.write(final)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_post("/api/generate", generate)
+    return app
+
+
+@contextmanager
+def blob_server(tmp: Path) -> Iterator[str]:
+    port = procs.free_port()
+    args = [sys.executable, "-m", "bench.tunnel_bench", "--serve-blob", str(port)]
+    with process(args, port, tmp / "blob.log"):
+        yield f"http://127.0.0.1:{port}"
+
+
+async def bulk(url: str, count: int) -> list[float]:
+    """`count` streamed 20 MB answers, one at a time; MB/s (1e6 bytes) of each."""
+    body = {"model": "blob", "prompt": "x", "stream": True}
+    rates = []
+    async with aiohttp.ClientSession() as session, asyncio.timeout(load.RUN_DEADLINE_S):
+        for _ in range(count):
+            start = time.perf_counter()
+            size = 0
+            async with session.post(f"{url}/api/generate", json=body) as r:
+                async for chunk in r.content.iter_any():
+                    size += len(chunk)
+            assert r.status == 200, r.status
+            assert size >= BLOB_MB * 1024 * 1024, size
+            rates.append(size / 1e6 / (time.perf_counter() - start))
+    return rates
+
+
+def w1_all(
+    urls: dict[str, str], concurrency: int, total: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    runs: dict[str, list[load.Result]] = {name: [] for name in urls}
+    for url in urls.values():  # warm-up: connections, SSH windows, caches
+        load.run(load.w1(url, concurrency, min(total, 200)))
+    for _ in range(rounds):
+        for name, url in urls.items():
+            result = load.run(load.w1(url, concurrency, total))
+            if result.errors:
+                raise RuntimeError(f"{name}: {result.errors} failed requests")
+            runs[name].append(result)
+    out = {}
+    for name, results in runs.items():
+        key = (lambda r: r.p99) if concurrency == 1 else (lambda r: r.rps)
+        r = sorted(results, key=key)[len(results) // 2]
+        out[name] = {"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99}
+    return out
+
+
+def w2_all(urls: dict[str, str], streams: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, url in urls.items():
+        r = load.run(load.w2(url, streams))
+        if r.errors:
+            raise RuntimeError(f"{name}: {r.errors} failed streams")
+        out[name] = {"ttfb_p50_ms": r.p50, "ttfb_p99_ms": r.p99, "streams": r.requests}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=1000, help="W1 requests per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bulk", type=int, default=5, help="20 MB transfers per path")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--serve-blob", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_blob:
+        web.run_app(blob_app(BLOB_MB), host="127.0.0.1", port=args.serve_blob, print=None)
+        return
+    baseline = bool(shutil.which("nginx") and shutil.which("ssh"))
+    if not baseline:
+        print("nginx or ssh not installed: the ssh -R baseline is skipped")
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        with procs.simulator() as sim, stack(tmp / "w1", sim, baseline) as urls:
+            for concurrency in (1, 32):
+                total = args.requests if concurrency == 1 else 2 * args.requests
+                figures = w1_all(urls, concurrency, total, args.rounds)
+                results[f"w1_c{concurrency}"] = figures
+                _print_w1(concurrency, figures)
+        with procs.simulator(tok_per_s=290) as sim, stack(tmp / "w2", sim, baseline) as urls:
+            paths = ("direct", "edge+embedded", "edge+sshd", "nginx+ssh -R")
+            figures = w2_all({k: v for k, v in urls.items() if k in paths}, 64)
+            results["w2"] = figures
+            _print_w2(figures)
+        with blob_server(tmp) as blob, stack(tmp / "bulk", blob, baseline) as urls:
+            rates = {name: asyncio.run(bulk(url, args.bulk)) for name, url in urls.items()}
+            results["bulk_mb_s"] = {k: statistics.median(v) for k, v in rates.items()}
+            _print_bulk(results["bulk_mb_s"])  # type: ignore[arg-type]
+    _print_targets(results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def _print_w1(concurrency: int, figures: dict[str, dict[str, float]]) -> None:
+    direct = figures["direct"]
+    print(f"W1 /api/generate 64 tokens, concurrency {concurrency}")
+    for name, f in figures.items():
+        print(
+            f"  {name:<16} {f['rps']:7.0f} req/s  p50 {f['p50_ms']:6.2f} ms  "
+            f"p99 {f['p99_ms']:6.2f} ms  (p99 {f['p99_ms'] - direct['p99_ms']:+6.2f} ms, "
+            f"{f['rps'] / direct['rps']:4.0%} of direct req/s)"
+        )
+
+
+def _print_w2(figures: dict[str, dict[str, float]]) -> None:
+    print("W2 streamed, 256 tokens at 290 tok/s, 64 streams in flight: time to first byte")
+    for name, f in figures.items():
+        print(f"  {name:<16} p50 {f['ttfb_p50_ms']:6.2f} ms  p99 {f['ttfb_p99_ms']:6.2f} ms")
+
+
+def _print_bulk(rates: dict[str, float]) -> None:
+    print(f"Bulk: one {BLOB_MB} MiB streamed answer at a time (median)")
+    for name, rate in rates.items():
+        print(f"  {name:<16} {rate:7.0f} MB/s")
+
+
+def _print_targets(r: dict[str, object]) -> None:
+    c1, c32, bulk_ = r["w1_c1"], r["w1_c32"], r["bulk_mb_s"]
+    assert isinstance(c1, dict)
+    assert isinstance(c32, dict)
+    assert isinstance(bulk_, dict)
+    print("Targets")
+    for mode in ("edge+embedded", "edge+sshd"):
+        added = c1[mode]["p99_ms"] - c1["direct"]["p99_ms"]
+        ratio = c32[mode]["rps"] / c32["direct"]["rps"]
+        print(
+            f"  {mode:<14} c=1 p99 {added:+.2f} ms (<= 2: {'ok' if added <= 2 else 'MISSED'})"
+            f"  c=32 {ratio:.0%} of direct (>= 25%: {'ok' if ratio >= 0.25 else 'MISSED'})"
+            f"  20 MB {bulk_[mode]:.0f} MB/s (>= 150: {'ok' if bulk_[mode] >= 150 else 'MISSED'})"
+        )
+
+
+if __name__ == "__main__":
+    main()
