@@ -31,6 +31,7 @@ from aiohttp import web
 
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS, UPSTREAM
+from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -61,9 +62,15 @@ def upstream_bind(upstream: str) -> tuple[str, int]:
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
-    """The server's host key; an ed25519 key is made (mode 0600, plus `.pub`) if missing."""
+    """The server's host key; an ed25519 key is made (mode 0600, plus `.pub`) if missing.
+
+    Error handling: an unreadable key raises `ConfigError` naming the file.
+    """
     if path.exists():
-        return asyncssh.read_private_key(path)
+        try:
+            return asyncssh.read_private_key(path)
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(f"cannot read the SSH host key {path}: {exc}") from exc
     key = asyncssh.generate_private_key("ssh-ed25519", comment="backhaul-edge")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
