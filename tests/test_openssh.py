@@ -17,10 +17,8 @@ import pytest
 
 from agent.errors import AuthRefused, ForwardMisconfigured
 from agent.simulator import running_simulator
-from edge.app import create_app
-from edge.settings import EdgeSettings
 from edge.state import SESSION, UPSTREAM
-from tests.servers import Edge, free_port, serving
+from tests.servers import edge, free_port
 from tests.sshd_fixtures import (
     HalfOpenRelay,
     OpenSSHServer,
@@ -41,20 +39,14 @@ SLACK_S = 1.0
 async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path: Path):
     bind = free_port()
     key = make_key(tmp_path / "agent_key")
-    settings = EdgeSettings(
-        upstream=f"http://127.0.0.1:{bind}",
-        telemetry_path=tmp_path / "telemetry.jsonl",
-        ssh_port=0,  # system sshd mode: presence unknown, the probe decides
-        probe_interval=0.2,
-    )
-    app = create_app(settings)
     async with (
         OpenSSHServer(tmp_path / "sshd", bind, key) as sshd,
         running_simulator() as sim,
-        serving(app) as url,
+        # ssh_port=0: system sshd mode, presence unknown, the probe decides.
+        edge(f"http://127.0.0.1:{bind}", tmp_path, ssh_port=0) as e,
         aiohttp.ClientSession() as http,
     ):
-        edge = Edge(url, app, tmp_path / "telemetry.jsonl")
+        app, url = e.app, e.url
         pin(tmp_path / "known_hosts", sshd.port, sshd.host_public_key)
         agent = agent_settings(tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url)
         async with running_tunnel(agent) as tunnel:
@@ -66,7 +58,7 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
                 assert (await r.json())["done"] is True
-            assert (await edge.record("via-sshd"))["status"] == 200
+            assert (await e.record("via-sshd"))["status"] == 200
             sessions = sshd.session_pids()
         # The agent closed its connection: sshd drops the listener with the session, the
         # edge's connect is refused, and that is a 503 at once.

@@ -13,11 +13,9 @@ import asyncssh
 import pytest
 
 from agent.simulator import running_simulator
-from edge.app import create_app
-from edge.settings import EdgeSettings
 from edge.sshd import SSH_SERVER, EmbeddedSSHServer
 from edge.state import SESSION, UPSTREAM
-from tests.servers import Edge, free_port, serving
+from tests.servers import edge, free_port
 from tests.sshd_fixtures import (
     EmbeddedVPS,
     agent_settings,
@@ -139,24 +137,21 @@ async def test_same_key_replaces_the_old_connection_and_frees_the_port_at_once(t
             assert len(vps.server.connections) == 1
 
 
-async def _embedded_edge(tmp_path: Path, bind: int, ssh_port: int) -> EdgeSettings:
-    return EdgeSettings(
-        upstream=f"http://127.0.0.1:{bind}",
-        telemetry_path=tmp_path / "telemetry.jsonl",
-        ssh_port=ssh_port,
-        ssh_host_key=tmp_path / "ssh_host_ed25519_key",
-        agent_keys=tmp_path / "agent_keys",
-        probe_interval=0.2,
-    )
-
-
 async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: Path):
     bind = free_port()
     (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
-    settings = await _embedded_edge(tmp_path, bind, free_port())
-    app = create_app(settings)
-    async with running_simulator() as sim, serving(app) as url, aiohttp.ClientSession() as http:
-        edge = Edge(url, app, tmp_path / "telemetry.jsonl")
+    async with (
+        running_simulator() as sim,
+        edge(
+            f"http://127.0.0.1:{bind}",
+            tmp_path,
+            ssh_port=free_port(),
+            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
+            agent_keys=tmp_path / "agent_keys",
+        ) as e,
+        aiohttp.ClientSession() as http,
+    ):
+        app, url = e.app, e.url
         server: EmbeddedSSHServer = app[SSH_SERVER]
         pin(tmp_path / "known_hosts", server.port, server.host_public_key)
         agent = agent_settings(tmp_path, server.port, f"127.0.0.1:{bind}", sim.url)
@@ -170,7 +165,7 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
                 assert (await r.json())["done"] is True
-            record = await edge.record("through-the-tunnel")
+            record = await e.record("through-the-tunnel")
             assert record["status"] == 200
             assert record["outcome"] == "ok"
         # The agent is gone: presence drops with its connection, the next request is 503 now.
@@ -181,4 +176,4 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             assert r.status == 503
             assert (await r.json())["type"] == "agent_unavailable"
         assert time.monotonic() - start < 0.5
-        assert (await edge.record("agent-gone"))["type"] == "agent_unavailable"
+        assert (await e.record("agent-gone"))["type"] == "agent_unavailable"

@@ -15,11 +15,9 @@ from agent.settings import AgentSettings
 from agent.simulator import SimulatorSettings, running_simulator
 from agent.status import StatusBoard
 from agent.upstream import ModelServer
-from edge.app import create_app
-from edge.settings import EdgeSettings
 from edge.sshd import SSH_SERVER
 from edge.state import SESSION, UPSTREAM
-from tests.servers import free_port, serving
+from tests.servers import edge, free_port, serving
 from tests.sshd_fixtures import agent_settings, make_key, pin, public_line, running_tunnel
 
 MODEL = "llama3.2:1b"
@@ -84,18 +82,19 @@ async def test_openai_only_servers_are_probed_on_v1_models_and_not_warmed():
 async def test_model_server_down_behind_a_live_tunnel_is_502_at_once(tmp_path: Path):
     bind, sim_port = free_port(), free_port()
     (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
-    edge_settings = EdgeSettings(
-        upstream=f"http://127.0.0.1:{bind}",
-        telemetry_path=tmp_path / "telemetry.jsonl",
-        ssh_port=free_port(),
-        ssh_host_key=tmp_path / "ssh_host_ed25519_key",
-        agent_keys=tmp_path / "agent_keys",
-        probe_interval=60,  # the request itself must find out, not the probe
-        read_timeout=60,
-    )
-    app = create_app(edge_settings)
     body = {"model": MODEL, "prompt": "hi", "stream": False}
-    async with serving(app) as url, aiohttp.ClientSession() as http:
+    async with (
+        edge(
+            f"http://127.0.0.1:{bind}",
+            tmp_path,
+            ssh_port=free_port(),
+            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
+            agent_keys=tmp_path / "agent_keys",
+            probe_interval=60,  # the request itself must find out, not the probe
+        ) as e,
+        aiohttp.ClientSession() as http,
+    ):
+        app, url = e.app, e.url
         server = app[SSH_SERVER]
         pin(tmp_path / "known_hosts", server.port, server.host_public_key)
         upstream = f"http://127.0.0.1:{sim_port}"
