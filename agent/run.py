@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from agent import ssh
+from agent.metrics import run_metrics
 from agent.notify import Notifier, SystemdEnv
 from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, StatusBoard
@@ -128,6 +129,10 @@ async def serve(
                 tg.create_task(notifier.run_watchdog(), name="watchdog"),
                 tg.create_task(_ready_when_up(tunnel, notifier, board), name="ready"),
             ]
+            if settings.metrics_port:
+                tasks.append(
+                    tg.create_task(run_metrics(board, settings.metrics_port), name="metrics")
+                )
             await stop.wait()
             notifier.stopping()
             log.info("agent.stopping")

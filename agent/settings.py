@@ -61,6 +61,9 @@ class AgentSettings(BackhaulSettings):
 
     # Where `status.json` lives (what `backhaul-agent status` reads).
     state_dir: Path = Path(".")
+    # Prometheus `/metrics` on 127.0.0.1 at this port (agent.metrics); 0 = off, the default:
+    # nothing on the workstation listens unless asked to.
+    metrics_port: int = Field(0, ge=0, le=65535)
 
     @field_validator("remote_bind")
     @classmethod

@@ -6,7 +6,8 @@ file) and passes the one-line summary to systemd (`STATUS=`, shown by `systemctl
 A file rather than a status port: nothing on the workstation listens, and the file survives the
 process, so the last disconnect reason is still there after a crash. `backhaul-agent status`
 prints it and exits 0 when the tunnel and the model server are both up, 1 when either is down,
-3 when no running agent wrote it.
+3 when no running agent wrote it. For graphs and alerts, `agent.metrics` serves the same
+`AgentStatus` as Prometheus series on a loopback port, when `metrics_port` asks for one.
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""The agent's loopback `/metrics`: the same facts as status.json, as Prometheus series."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.metrics import metrics_server
+from agent.status import StatusBoard
+from tests.servers import free_port
+from tests.sshd_fixtures import (
+    agent_settings,
+    embedded_server,
+    make_key,
+    pin,
+    public_line,
+    running_tunnel,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as r,
+    ):
+        assert r.status == 200
+        text = await r.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_status_before_any_connection(tmp_path: Path):
+    board = StatusBoard(None, warm_models=["llama3.2:1b"])
+    async with metrics_server(board, 0) as port:
+        m = await scrape(port)
+        assert m[("backhaul_agent_connected", frozenset())] == 0
+        assert m[("backhaul_agent_reconnects_total", frozenset())] == 0
+        # Not probed yet: no upstream sample rather than a false "down".
+        assert not any(name == "backhaul_agent_upstream_up" for name, _ in m)
+        assert m[("backhaul_agent_model_warm", frozenset({("model", "llama3.2:1b")}))] == 0
+        board.update(last_error="connection refused", last_error_kind="transient", upstream_up=True)
+        m = await scrape(port)
+        error = frozenset({("kind", "transient"), ("error", "connection refused")})
+        assert m[("backhaul_agent_error_info", error)] == 1
+        assert m[("backhaul_agent_upstream_up", frozenset())] == 1
+
+
+async def test_connects_and_drops_of_a_real_tunnel(tmp_path: Path):
+    bind = free_port()
+    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    async with embedded_server(tmp_path, bind) as vps:
+        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
+        settings = agent_settings(tmp_path, vps.port, f"127.0.0.1:{bind}", "http://127.0.0.1:9")
+        board = StatusBoard(tmp_path / "status.json")
+        async with (
+            metrics_server(board, 0) as port,
+            running_tunnel(settings, board=board) as tunnel,
+        ):
+            async with asyncio.timeout(5):
+                await tunnel.wait_up()
+            m = await scrape(port)
+            assert m[("backhaul_agent_connected", frozenset())] == 1
+            assert m[("backhaul_agent_connects_total", frozenset())] == 1
+            vps.abort_all()  # the VPS end crashes: the agent notices and comes back
+            async with asyncio.timeout(5):
+                await tunnel.wait_down()
+                await tunnel.wait_up()
+            m = await scrape(port)
+            assert m[("backhaul_agent_connected", frozenset())] == 1
+            assert m[("backhaul_agent_reconnects_total", frozenset())] == 1
+            assert m[("backhaul_agent_last_disconnect_seconds", frozenset())] > 0
+            reasons = [
+                labels for name, labels in m if name == "backhaul_agent_last_disconnect_info"
+            ]
+            assert len(reasons) == 1
