@@ -6,7 +6,10 @@ What is fixed here, on purpose, whatever the settings say:
   off, and there is no setting that skips it;
 - only the agent's own key is offered (no ssh-agent, no passwords, no keyboard-interactive);
 - keepalives are on (asyncssh's default is off) and both connect and login are bounded;
-- compression stays off: tokens are small and the 20 MB case is CPU-bound on the cipher.
+- compression stays off: tokens are small and the 20 MB case is CPU-bound on the cipher;
+- AES-GCM is preferred: in asyncssh it costs half of chacha20-poly1305 per packet (measured
+  here: a 100-byte round trip 100 us against 197 us, bulk 229 against 120 MB/s), and every
+  streamed token is a packet. Both are OpenSSH defaults, so any sshd offers them.
 
 asyncssh sets `TCP_NODELAY` on the SSH socket and on every forwarded socket it opens, so the
 agent's side never holds small writes back (the VPS side is another matter: see `tunnel.py`).
@@ -18,6 +21,9 @@ import asyncssh
 
 from agent.settings import AgentSettings
 from shared.errors import ConfigError
+
+# Preference order (the client's order decides); all three are in OpenSSH's default set.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com")
 
 
 def load_client_key(settings: AgentSettings) -> asyncssh.SSHKey:
@@ -71,6 +77,7 @@ def client_options(settings: AgentSettings) -> asyncssh.SSHClientConnectionOptio
         host_based_auth=False,
         preferred_auth="publickey",
         compression_algs=None,
+        encryption_algs=CIPHERS,
         connect_timeout=settings.connect_timeout,
         login_timeout=settings.login_timeout,
         keepalive_interval=settings.keepalive_interval,

@@ -122,6 +122,7 @@ class Tunnel:
         self.last_error: TunnelError | None = None
         self.failures: Counter[str] = Counter()  # failure class name -> count, for status/tests
         self.last_down_reason: str | None = None
+        self.cipher: str | None = None  # negotiated on the last connection (agent.ssh.CIPHERS)
         self._fixes = _fixes(settings)
 
     @property
@@ -246,6 +247,7 @@ class Tunnel:
         s = self._settings
         self._up_since = self._clock()
         self._forwarded_once = True
+        self.cipher = conn.get_extra_info("send_cipher")
         self.connects += 1
         self.last_error = None
         self._kick.clear()
@@ -257,6 +259,7 @@ class Tunnel:
             remote_bind=s.remote_bind,
             upstream=s.upstream,
             server_version=conn.get_extra_info("server_version"),
+            cipher=self.cipher,
             reconnects=self.connects - 1,
         )
         self._board.update(

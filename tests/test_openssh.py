@@ -53,6 +53,7 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
             async with asyncio.timeout(10):
                 await tunnel.wait_up()
             assert app[UPSTREAM].status.agent_present is None
+            assert tunnel.cipher == "aes128-gcm@openssh.com"
             assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
             headers = {"X-Request-Id": "via-sshd"}
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:

@@ -40,6 +40,7 @@ async def test_forward_carries_requests_and_reports_presence(tmp_path: Path):
             async with asyncio.timeout(5):
                 await tunnel.wait_up()
                 await vps.wait_present(True)
+            assert tunnel.cipher == "aes128-gcm@openssh.com"  # half chacha20's cost in asyncssh
             async with (
                 aiohttp.ClientSession() as http,
                 http.post(f"http://127.0.0.1:{bind}/api/generate", json=GEN) as r,
