@@ -101,6 +101,8 @@ class EmbeddedSSHServer:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self.fingerprint = ""
         self.host_public_key = ""
+        self.present = False  # an agent holds the forward
+        self._changed = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -140,7 +142,18 @@ class EmbeddedSSHServer:
             fingerprint=self.fingerprint,
             known_hosts_line=f"[<this-vps>]:{self.port} {self.host_public_key}",
         )
-        self._presence(False)
+        self._report(False)
+
+    async def wait_present(self, present: bool = True) -> None:
+        """Return once an agent holds the forward (or, with False, once none does)."""
+        while self.present is not present:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _report(self, present: bool) -> None:
+        self.present = present
+        self._changed.set()
+        self._presence(present)
 
     async def close(self) -> None:
         """Stop listening, then close every agent connection (they outlive the listener)."""
@@ -214,7 +227,7 @@ class EmbeddedSSHServer:
         log.info(
             "sshd.forward_bound", listen=f"{host}:{port}", peer=agent.peer, key=agent.fingerprint
         )
-        self._presence(True)
+        self._report(True)
         return listener
 
     def closed(self, agent: AgentConnection, exc: Exception | None) -> None:
@@ -228,7 +241,7 @@ class EmbeddedSSHServer:
             )
         if self.holder is agent:
             self.holder = None
-            self._presence(False)
+            self._report(False)
         agent.closed.set()
 
 

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 
 from agent.simulator import running_simulator
 from agent.status import STATUS_FILE, StatusBoard
-from tests.servers import free_port
-from tests.sshd_fixtures import embedded_server, make_key, pin, public_line
+from edge.sshd import SSH_SERVER
+from tests.servers import edge, free_port
+from tests.sshd_fixtures import make_key, pin, public_line
 
 AGENT = str(Path(sys.executable).parent / "backhaul-agent")
 
@@ -96,13 +98,24 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
     bind = free_port()
     (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
     notify = NotifySocket(tmp_path / "notify.sock")
-    async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
+    async with (
+        running_simulator() as sim,
+        edge(
+            f"http://127.0.0.1:{bind}",
+            tmp_path,
+            ssh_port=free_port(),
+            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
+            agent_keys=tmp_path / "agent_keys",
+        ) as e,
+        aiohttp.ClientSession() as http,
+    ):
+        server = e.app[SSH_SERVER]
+        pin(tmp_path / "known_hosts", server.port, server.host_public_key)
         env = {
             **os.environ,
             "NOTIFY_SOCKET": str(notify.path),
             "WATCHDOG_USEC": "200000",
-            "BACKHAUL_AGENT_SSH_PORT": str(vps.port),
+            "BACKHAUL_AGENT_SSH_PORT": str(server.port),
             "BACKHAUL_AGENT_SSH_USER": "agent",
             "BACKHAUL_AGENT_KEY_PATH": str(tmp_path / "agent_key"),
             "BACKHAUL_AGENT_KNOWN_HOSTS": str(tmp_path / "known_hosts"),
@@ -116,7 +129,7 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
             try:
                 async with asyncio.timeout(15):
                     await notify.wait_for("READY=1")
-                    await vps.wait_present(True)
+                    await server.wait_present(True)
                     await notify.wait_for("WATCHDOG=1")
                 assert any(m.startswith("STATUS=tunnel forwarding") for m in notify.messages)
                 status = orjson.loads((tmp_path / STATUS_FILE).read_bytes())
@@ -124,47 +137,48 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
                 assert status["pid"] == proc.pid
 
                 # SIGHUP (systemctl reload): a new connection, at once.
+                holder = server.holder
+                assert holder is not None
                 proc.send_signal(signal.SIGHUP)
                 async with asyncio.timeout(5):
-                    await vps.wait_present(False)
-                    await vps.wait_present(True)
+                    await holder.closed.wait()
+                    await server.wait_present(True)
+                assert server.holder is not holder
 
                 # SIGTERM: connection closed, exit 0, within a second.
                 start = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(1.0):
                     assert await proc.wait() == 0
-                    await vps.wait_present(False)
+                    await server.wait_present(False)
                 assert time.monotonic() - start < 1.0
                 await notify.wait_for("STOPPING=1")
                 status = orjson.loads((tmp_path / STATUS_FILE).read_bytes())
                 assert status["connected"] is False
                 assert status["reconnects"] == 1
 
-                # SIGKILL: no goodbye at all; the server still knows at once (the kernel
-                # closes the socket), so the edge's presence turns false without a timeout.
+                # SIGKILL: no goodbye at all. The kernel closes the socket, the edge's SSH
+                # server sees it, and the next request is a 503 at once.
                 proc = await asyncio.create_subprocess_exec(AGENT, "run", env=env, stderr=log)
                 async with asyncio.timeout(15):
-                    await vps.wait_present(True)
+                    await server.wait_present(True)
                 proc.kill()
                 async with asyncio.timeout(1.0):
-                    await vps.wait_present(False)
+                    await server.wait_present(False)
+                start = time.monotonic()
+                body = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
+                headers = {"X-Request-Id": "after-sigkill"}
+                async with http.post(f"{e.url}/api/generate", json=body, headers=headers) as r:
+                    assert r.status == 503
+                    assert (await r.json())["type"] == "agent_unavailable"
+                assert time.monotonic() - start < 0.5
+                assert (await e.record("after-sigkill"))["type"] == "agent_unavailable"
             finally:
                 if proc.returncode is None:
                     proc.kill()
                 await proc.wait()
                 notify.close()
-    events = [
-        orjson.loads(line)["event"]
-        for line in (tmp_path / "agent.log").read_bytes().splitlines()
-        if line.startswith(b"{")
-    ]
-    for event in (
-        "agent.starting",
-        "tunnel.up",
-        "agent.ready",
-        "tunnel.reconnect_requested",
-        "tunnel.down",
-        "agent.stopped",
-    ):
-        assert event in events, event
+    lines = (tmp_path / "agent.log").read_bytes().splitlines()
+    events = {orjson.loads(line)["event"] for line in lines if line.startswith(b"{")}
+    expected = {"agent.starting", "tunnel.up", "agent.ready", "tunnel.reconnect_requested"}
+    assert expected | {"tunnel.down", "agent.stopping", "agent.stopped"} <= events
