@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test lint typecheck unit demo bench clean
+.PHONY: all venv test lint typecheck unit demo bench docs clean
 
 all: test
 
@@ -33,6 +33,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# docs/configuration.md is generated from the settings classes (tests/test_docs.py checks it).
+docs: $(STAMP)
+	$(BIN)/python docs/gen_config.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,9 +18,13 @@ class EdgeSettings(BackhaulSettings):
     model_config = SettingsConfigDict(env_prefix="BACKHAUL_EDGE_")
     default_config_file: ClassVar[Path | None] = Path("/etc/backhaul/edge.toml")
 
+    # HTTP listen address. Behind a TLS proxy on the same VPS keep 127.0.0.1; 0.0.0.0 serves
+    # plain HTTP to the world.
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind.
     upstream: str = "http://127.0.0.1:11434"
+    # The JSONL telemetry log, one line per request (docs/operations.md); unset = none.
     telemetry_path: Path | None = Path("telemetry.jsonl")
     # Rotate the JSONL file when it passes this size (100 MiB keeps `tail -F` and `jq` quick);
     # 0 = never (logrotate with SIGHUP instead).
@@ -31,7 +35,9 @@ class EdgeSettings(BackhaulSettings):
     keys_path: Path | None = None
     # Allowed models; empty = every model but the `*-cloud` ones (billed to the owner's account).
     models: list[str] = []
+    # Origins (`https://www.example.com`) whose web pages may call the edge from a browser.
     cors_origins: list[str] = []
+    # Addresses or networks of proxies in front of the edge whose X-Forwarded-For is believed.
     trusted_proxies: list[str] = []
     # Bearer token that lets a non-loopback scraper read /metrics; unset = loopback only.
     metrics_token: SecretStr | None = None

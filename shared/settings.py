@@ -37,7 +37,9 @@ class BackhaulSettings(BaseSettings):
     # The default TOML path, e.g. /etc/backhaul/edge.toml; set by each subclass.
     default_config_file: ClassVar[Path | None] = None
 
+    # The program's own log events, on stderr: debug, info, warning or error.
     log_level: str = "info"
+    # `json` (one object a line, for journald), `console`, or `auto`: console on a terminal.
     log_format: str = "auto"
 
     @classmethod
