@@ -1,23 +1,70 @@
-"""The GPU gate: at most `max_inflight` upstream requests, a bounded queue, a maximum wait.
+"""The GPU gate: at most `max_inflight` upstream requests, a bounded fair queue, a maximum wait.
 
 A GPU serves a couple of requests at a time well; more only slows every one of them and fills
 Ollama's own queue, which then answers 503 after the caller has waited. The gate keeps the
 waiting here, where it is bounded, measured (`queue_ms`) and answered early: a full queue or a
 wait past `queue_timeout` is 503 `overloaded` with `Retry-After`.
+
+Why it is shaped like this. First come, first served lets one caller who sends 60 requests at
+once make everyone else wait behind all 60. So waiters queue per key (an API key's name, or
+the client address for anonymous callers) and a freed slot goes round-robin over the keys that
+have waiters: a key that was just served goes to the back of the ring. A key may also have its
+own concurrency limit (`max_concurrency` on an API key); its waiters are skipped while it is at
+that limit, and other keys' waiters take the free slot. When the queue is full, a newcomer does
+not simply bounce off a queue one key has filled: the key with the most waiters loses its newest
+waiter instead (longest-queue drop), as long as that leaves it with at least as many as the
+newcomer's key. So a flood costs the flooder, and a quiet key always gets a place in the queue.
+
+The slot a caller holds is a `Slot` whose `release()` may come before its `with` block ends: a
+streamed answer releases the slot when the upstream finishes, while the edge is still writing
+the buffered rest to a slow client (`edge.proxy`). Releasing twice is harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from edge.errors import Overloaded
 
 
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    key: str
+    limit: int | None
+    # True: granted a slot (already counted as running); False: dropped from a full queue.
+    decided: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Slot:
+    """One granted upstream slot; `release()` is idempotent and may precede the `with` exit."""
+
+    __slots__ = ("_gate", "_released", "key", "queue_ms")
+
+    def __init__(self, gate: Gate, key: str, queue_ms: float) -> None:
+        self._gate = gate
+        self._released = False
+        self.key = key
+        self.queue_ms = queue_ms  # 0.0 when the slot was free on arrival
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._gate._release(self.key)
+
+
 class Gate:
-    """A counting semaphore with a bounded, timed queue, first come first served."""
+    """A counting semaphore with a bounded, timed queue, round-robin between keys."""
 
     def __init__(
         self, max_inflight: int, queue_max: int, queue_timeout: float, retry_after: int
@@ -26,40 +73,154 @@ class Gate:
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
         self._retry_after = str(retry_after)
-        self._slots = asyncio.Semaphore(max_inflight)
         self.inflight = 0
         self.queued = 0
+        self._running: dict[str, int] = {}  # key -> slots held
+        # key -> its waiters, oldest first. Insertion order is the round-robin ring: a key
+        # that was served is re-inserted at the end.
+        self._waiting: dict[str, deque[_Waiter]] = {}
+        self._changed = asyncio.Event()
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[float]:
-        """Hold one upstream slot for the body of the `with`; yields the ms spent queued.
+    async def slot(self, key: str = "", limit: int | None = None) -> AsyncIterator[Slot]:
+        """Hold one upstream slot for the `with` block (or until `Slot.release()`).
 
-        Error handling: raises `Overloaded` when the queue is full or the wait times out.
+        `key` groups a caller's requests for fairness; `limit` is that key's own concurrency
+        limit (None: only the gate's).
+
+        Error handling: raises `Overloaded` when the queue is full (and nobody else's waiter
+        can be dropped instead), when this waiter was dropped for a quieter key, or when the
+        wait passes `queue_timeout`.
         """
+        slot = await self._acquire(key, limit)
+        try:
+            yield slot
+        finally:
+            slot.release()
+
+    def running(self, key: str) -> int:
+        """Slots `key` holds now."""
+        return self._running.get(key, 0)
+
+    async def wait_queued(self, n: int) -> None:
+        """Return once `n` or more requests wait. Unbounded: callers add a timeout."""
+        while self.queued < n:
+            await self._changed.wait()
+
+    async def wait_inflight(self, n: int) -> None:
+        """Return once exactly `n` slots are held. Unbounded: callers add a timeout."""
+        while self.inflight != n:
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        # Wake every waiter of wait_*, then arm a fresh event for the next change.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _acquire(self, key: str, limit: int | None) -> Slot:
+        if self.inflight < self.max_inflight and self._under_limit(key, limit):
+            # Nobody waiting can be passed over here: after every release the free slots
+            # went to every waiter that could take one, so those left are at their key's limit.
+            self._start(key)
+            return Slot(self, key, 0.0)
         start = time.perf_counter()
-        if self._slots.locked():
-            if self.queued >= self.queue_max:
-                raise Overloaded(
-                    f"the model server is at capacity ({self.max_inflight} running, "
-                    f"{self.queued} queued); try again shortly",
-                    headers={"Retry-After": self._retry_after},
-                )
-            self.queued += 1
-            try:
-                async with asyncio.timeout(self.queue_timeout):
-                    await self._slots.acquire()
-            except TimeoutError:
+        waiter = self._enqueue(key, limit)
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                # Shielded: a timeout or a cancel must not cancel the decision itself, which
+                # `_wake` may be setting at that very moment.
+                granted = await asyncio.shield(waiter.decided)
+        except TimeoutError:
+            if not (waiter.decided.done() and waiter.decided.result()):
+                self._forget(waiter)
                 raise Overloaded(
                     f"waited {self.queue_timeout:g} s for the model server; try again shortly",
                     headers={"Retry-After": self._retry_after},
                 ) from None
-            finally:
-                self.queued -= 1
-        else:
-            await self._slots.acquire()
+            granted = True  # the slot came as the wait ran out: take it
+        except BaseException:
+            # Cancelled (the client went away): a slot granted meanwhile goes to the next.
+            if waiter.decided.done() and waiter.decided.result():
+                self._release(key)
+            else:
+                self._forget(waiter)
+            raise
+        if not granted:
+            raise Overloaded(
+                "the model server's queue is full and other callers have fewer requests "
+                "waiting; try again shortly",
+                headers={"Retry-After": self._retry_after},
+            )
+        return Slot(self, key, (time.perf_counter() - start) * 1000.0)
+
+    def _under_limit(self, key: str, limit: int | None) -> bool:
+        return limit is None or self._running.get(key, 0) < limit
+
+    def _start(self, key: str) -> None:
         self.inflight += 1
-        try:
-            yield (time.perf_counter() - start) * 1000.0
-        finally:
-            self.inflight -= 1
-            self._slots.release()
+        self._running[key] = self._running.get(key, 0) + 1
+        self._notify()
+
+    def _release(self, key: str) -> None:
+        self.inflight -= 1
+        left = self._running[key] - 1
+        if left:
+            self._running[key] = left
+        else:
+            del self._running[key]
+        self._wake()
+        self._notify()
+
+    def _enqueue(self, key: str, limit: int | None) -> _Waiter:
+        if self.queued >= self.queue_max:
+            self._drop_for(key)
+        waiter = _Waiter(key, limit)
+        self._waiting.setdefault(key, deque()).append(waiter)
+        self.queued += 1
+        self._notify()
+        return waiter
+
+    def _drop_for(self, key: str) -> None:
+        """Make room for `key` by dropping the newest waiter of the longest other queue."""
+        mine = len(self._waiting.get(key, ()))
+        longest = max(self._waiting.values(), key=len, default=None)
+        if longest is None or len(longest) <= mine + 1:
+            raise Overloaded(
+                f"the model server is at capacity ({self.inflight} running, "
+                f"{self.queued} queued); try again shortly",
+                headers={"Retry-After": self._retry_after},
+            )
+        victim = longest.pop()  # never empties it: it is longer than mine + 1 >= 1
+        self.queued -= 1
+        victim.decided.set_result(False)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        queue = self._waiting.get(waiter.key)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        if not queue:
+            del self._waiting[waiter.key]
+        self.queued -= 1
+        self._notify()
+
+    def _wake(self) -> None:
+        while self.inflight < self.max_inflight:
+            waiter = self._next_waiter()
+            if waiter is None:
+                return
+            self._start(waiter.key)
+            waiter.decided.set_result(True)
+
+    def _next_waiter(self) -> _Waiter | None:
+        """The oldest waiter of the first key in the ring that is under its limit."""
+        for key, queue in self._waiting.items():
+            head = queue[0]
+            if self._under_limit(key, head.limit):
+                queue.popleft()
+                self.queued -= 1
+                del self._waiting[key]
+                if queue:
+                    self._waiting[key] = queue  # served: to the back of the ring
+                return head
+        return None

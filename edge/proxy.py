@@ -75,10 +75,19 @@ async def forward(
     if refusal is not None:
         raise refusal
     if route.kind in (Kind.GENERATE, Kind.EMBED):
-        async with app[GATE].slot() as queue_ms:
-            ex.record.queue_ms = round(queue_ms, 3)
+        key, limit = gate_key(ex)
+        async with app[GATE].slot(key, limit) as slot:
+            ex.record.queue_ms = round(slot.queue_ms, 3)
             return await _forward(request, ex, route, payload)
     return await _forward(request, ex, route, payload)
+
+
+def gate_key(ex: Exchange) -> tuple[str, int | None]:
+    """Who the gate shares slots between: an API key (with its own concurrency limit, if it
+    has one), else the client's address, shared by every anonymous caller behind it."""
+    if ex.key is not None:
+        return f"key:{ex.key.name}", ex.key.max_concurrency
+    return f"addr:{ex.record.client or '-'}", None
 
 
 async def _read_json(request: web.Request, ex: Exchange, limit: int) -> Any:
