@@ -72,7 +72,12 @@ def create_app(settings: EdgeSettings) -> web.Application:
     app = web.Application(
         middlewares=[exchange_middleware],
         client_max_size=settings.max_body_bytes,
-        handler_args={"max_field_size": 16 * 1024},
+        # keepalive_timeout is also the deadline for a request's headers (slowloris): aiohttp
+        # closes a connection that has not sent a complete header block by then.
+        handler_args={
+            "max_field_size": 16 * 1024,
+            "keepalive_timeout": settings.keepalive_timeout,
+        },
     )
     app[SETTINGS] = settings
     app[MODELS] = ModelPolicy(settings.models)

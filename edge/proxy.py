@@ -7,15 +7,16 @@ client are translated in one place, `map_upstream_errors()`.
 
 Resource handling: the upstream response is released to the connection pool only when it was
 read to the end; on any other exit (the client went away, the stream broke) it is closed, which
-closes the connection and makes the model server stop generating.
+closes the connection and makes the model server stop generating. The gate slot of an inference
+request is held by `forward()`'s `with` block, but a streamed answer releases it as soon as its
+upstream ends (`edge.relay`): a client still reading the rest never holds the GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,12 +24,13 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
-from edge import ollama
+from edge import ollama, relay
 from edge.errors import (
     AgentUnavailable,
     Forbidden,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -41,9 +43,6 @@ from shared import usage
 from shared.usage import Usage
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
-# The end of a stream kept to read its final figures: Ollama's last NDJSON line or the SSE usage
-# chunk is a few hundred bytes; 16 KiB also covers a final chunk that still carries content.
-_TAIL_BYTES = 16 * 1024
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -54,8 +53,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     app = request.app
     payload: bytes | None = None
     if route.has_body:
-        body = await _read_json(request, ex, app[SETTINGS].max_body_bytes)
-        facts = ollama.sanitise(route, body, app[MODELS], app[SETTINGS].max_output_tokens)
+        settings = app[SETTINGS]
+        # Read before the gate, so a client trickling its body never holds a GPU slot.
+        body = await _read_json(request, ex, settings.max_body_bytes, settings.body_timeout)
+        facts = ollama.sanitise(route, body, app[MODELS], settings.max_output_tokens)
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
         if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
@@ -78,8 +79,8 @@ async def forward(
         key, limit = gate_key(ex)
         async with app[GATE].slot(key, limit) as slot:
             ex.record.queue_ms = round(slot.queue_ms, 3)
-            return await _forward(request, ex, route, payload)
-    return await _forward(request, ex, route, payload)
+            return await _forward(request, ex, route, payload, slot.release)
+    return await _forward(request, ex, route, payload, _no_slot)
 
 
 def gate_key(ex: Exchange) -> tuple[str, int | None]:
@@ -90,13 +91,23 @@ def gate_key(ex: Exchange) -> tuple[str, int | None]:
     return f"addr:{ex.record.client or '-'}", None
 
 
-async def _read_json(request: web.Request, ex: Exchange, limit: int) -> Any:
+def _no_slot() -> None:
+    """Release nothing: the route does not take a gate slot."""
+
+
+async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeout: float) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(body_timeout):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {body_timeout:g} s "
+            "(BACKHAUL_EDGE_BODY_TIMEOUT)"
+        ) from None
     ex.record.bytes_in = len(raw)
     if not raw:
         raise InvalidRequest("the request body is empty; a JSON object is required")
@@ -130,7 +141,11 @@ def map_upstream_errors(monitor: UpstreamMonitor) -> Iterator[None]:
 
 
 async def _forward(
-    request: web.Request, ex: Exchange, route: Route, payload: bytes | None
+    request: web.Request,
+    ex: Exchange,
+    route: Route,
+    payload: bytes | None,
+    release_slot: Callable[[], None],
 ) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
@@ -151,7 +166,7 @@ async def _forward(
     try:
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "application/json")
         if upstream.status == 200 and content_type.startswith(STREAM_TYPES):
-            response = await _relay_stream(request, ex, route, upstream, content_type, t0)
+            response = await _relay_stream(request, ex, upstream, content_type, t0, release_slot)
         else:
             with map_upstream_errors(monitor):
                 body = await upstream.read()
@@ -224,34 +239,15 @@ def _record_usage(ex: Exchange, figures: Usage, wall_s: float) -> None:
     record.tok_per_s = round(speed, 2) if speed is not None else None
 
 
-class _Tail:
-    """The last `_TAIL_BYTES` (or a little more) of a stream, kept without copying chunks."""
-
-    __slots__ = ("_chunks", "_size")
-
-    def __init__(self) -> None:
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-
-    def add(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        while self._size - len(self._chunks[0]) >= _TAIL_BYTES:
-            self._size -= len(self._chunks.popleft())
-
-    def bytes(self) -> bytes:
-        return b"".join(self._chunks)
-
-
 async def _relay_stream(
     request: web.Request,
     ex: Exchange,
-    route: Route,
     upstream: aiohttp.ClientResponse,
     content_type: str,
     t0: float,
+    release_slot: Callable[[], None],
 ) -> web.StreamResponse:
-    """Write each upstream chunk to the client as it arrives: no buffering, no re-encoding."""
+    """Relay a streamed answer byte for byte, releasing the GPU slot when the upstream ends."""
     response = web.StreamResponse(
         status=200,
         headers={
@@ -264,41 +260,38 @@ async def _relay_stream(
     ex.headers_sent = True
     ex.record.stream = True
     sse = content_type.startswith("text/event-stream")
-    tail = _Tail()
-    first_chunk: float | None = None
+    settings = request.app[SETTINGS]
+    facts = relay.StreamFacts()
+
+    def upstream_ended() -> None:
+        # The GPU's part is over: the next caller may have the slot while this client reads.
+        release_slot()
+        if facts.broken or facts.upstream_end is None:
+            return
+        ex.upstream_s = facts.upstream_end - t0
+        # The edge's own time up to here; the client's reading time is not the edge's.
+        ex.record.overhead_ms = round(ex.overhead_ms(), 3)
+        end = facts.tail.bytes()
+        figures = usage.from_sse_tail(end) if sse else usage.from_ndjson_tail(end)
+        gen_s = ex.upstream_s - ((facts.first_chunk - t0) if facts.first_chunk else 0.0)
+        _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
+
     try:
-        async for chunk in upstream.content.iter_any():
-            if first_chunk is None:
-                first_chunk = time.perf_counter()
-            await response.write(chunk)
-            ex.record.bytes_out += len(chunk)
-            tail.add(chunk)
-    except (aiohttp.ClientError, TimeoutError):
-        # Headers are gone: say so in the stream's own shape, then cut it so the client cannot
-        # mistake a truncated answer for a complete one.
+        outcome = await relay.relay(
+            request,
+            response,
+            upstream,
+            facts,
+            sse=sse,
+            buffer_bytes=settings.stream_buffer_bytes,
+            write_timeout=settings.write_timeout,
+            on_upstream_end=upstream_ended,
+        )
+    finally:
+        ex.record.bytes_out += facts.bytes_out
+    if outcome is relay.Outcome.UPSTREAM_BROKEN:
+        # Headers are gone: the client got an error line in the stream's own shape, then a cut.
         ex.record.outcome, ex.record.type = "upstream_broken", "upstream_broken"
-        await _write_stream_error(request, response, sse)
-        return response
-    ex.upstream_s = time.perf_counter() - t0
-    end = tail.bytes()
-    figures = usage.from_sse_tail(end) if sse else usage.from_ndjson_tail(end)
-    gen_s = ex.upstream_s - ((first_chunk - t0) if first_chunk else 0.0)
-    _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
-    await response.write_eof()
+    elif outcome is relay.Outcome.CLIENT_STALLED:
+        ex.record.outcome = "client_stalled"
     return response
-
-
-async def _write_stream_error(
-    request: web.Request,
-    response: web.StreamResponse,
-    sse: bool,
-) -> None:
-    message, kind = "the model server's stream broke off", "upstream_broken"
-    if sse:
-        line = b"data: " + orjson.dumps({"error": {"message": message, "type": kind}}) + b"\n\n"
-    else:
-        line = orjson.dumps({"error": message, "type": kind}) + b"\n"
-    with contextlib.suppress(ConnectionError):  # the client may be gone as well
-        await response.write(line)
-    if request.transport is not None:
-        request.transport.close()

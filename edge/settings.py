@@ -48,11 +48,29 @@ class EdgeSettings(BackhaulSettings):
     max_inflight: int = Field(2, ge=1)
     queue_max: int = Field(64, ge=0)
     queue_timeout: float = Field(30.0, gt=0)
+    # A streamed answer is read from the upstream into a buffer of this many bytes, so a slow
+    # client never holds a GPU slot: the slot is released when the upstream finishes. 8 MiB
+    # holds ~80,000 NDJSON tokens (~36,000 SSE), far past what max_output_tokens allows; a
+    # client slower than that fills it, and then the upstream waits for it, slot and all.
+    stream_buffer_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # Seconds a client may take to accept the next part of a streamed answer; past it the stream
+    # is cut (`client_stalled`) and the upstream cancelled if it is still running.
+    write_timeout: float = Field(60.0, gt=0)
 
     # 20 MB: a few base64 images fit, a context bomb does not.
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # Output cap forced onto num_predict / max_tokens; a caller can ask for less, never more.
     max_output_tokens: int = Field(4096, ge=1)
+
+    # Slow clients (slowloris). Seconds an idle keep-alive connection stays open, which is also
+    # the longest a client may take to send a request's headers: aiohttp's keep-alive timer
+    # runs from the connection's start (or the last response) to the next complete header
+    # block. 75 s (nginx's default) outlasts nginx's 60 s upstream keep-alive, so a proxy in
+    # front never reuses a connection the edge is closing.
+    keepalive_timeout: float = Field(75.0, gt=0)
+    # Seconds to receive a whole request body, else 408 `request_timeout` (a 20 MB body needs
+    # 2.7 Mbit/s to make it). The body is read before the gate: a trickle never holds a slot.
+    body_timeout: float = Field(60.0, gt=0)
 
     # Seconds. Connect is to a loopback port: if it takes more than 2 s something is wrong.
     connect_timeout: float = Field(2.0, gt=0)

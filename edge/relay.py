@@ -1,0 +1,237 @@
+"""Relaying a streamed answer: the upstream is read at its pace, the client written at its own.
+
+Why it is shaped like this. Writing each upstream chunk to the client before reading the next
+ties the GPU slot to the client's speed: a phone on a poor link, or a reader that stopped
+reading, would hold one of the GPU's few slots for as long as it dawdled. So `relay()` runs two
+loops joined by a bounded buffer. The reader (a task in a TaskGroup that `relay()` owns) drains
+the upstream into the buffer and, the moment the upstream ends, calls `on_upstream_end` (the
+caller releases the GPU slot there and records the answer's figures). The writer (the handler's
+own task) sends what the buffer holds whenever the client takes it. A client that keeps up gets
+each chunk as it arrives: the writer waits on the buffer, not on a timer, so the relay costs one
+event-loop turn per chunk (measured in docs/performance.md). A client that falls behind gets
+the chunks that piled up meanwhile in one write.
+
+Back-pressure. The buffer holds `buffer_bytes` (plus at most one chunk). When it is full the
+reader waits for the writer, and so the upstream waits, slot and all. That is a choice: the
+other one, dropping the client, would lose answers for clients that are merely slow, and with
+the edge's output cap a whole answer is far smaller than the default buffer, so a full buffer
+means an operator raised one setting past the other. A client that stops reading is still cut,
+by the write timeout, wherever it stops.
+
+Stalls. Each write to the client may block for at most `write_timeout`; aiohttp blocks a write
+only when the connection's send buffers are full, so that is the time the client took to accept
+about 48 KiB. Past it the client has stalled: the reader is cancelled (which closes the upstream
+connection, and Ollama stops generating), the connection is aborted, and the outcome is
+`CLIENT_STALLED`.
+
+Resource handling: the reader releases the upstream response when it was read to the end and
+closes it on any other exit; the caller's own `with` blocks stay the owners of the response and
+the slot, so both are also let go if anything here fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+# The end of a stream kept to read its final figures: Ollama's last NDJSON line or the SSE usage
+# chunk is a few hundred bytes; 16 KiB also covers a final chunk that still carries content.
+TAIL_BYTES = 16 * 1024
+# A writer that fell behind sends what piled up in writes of about this size: few system calls,
+# no copy of the whole buffer at once.
+_WRITE_BYTES = 64 * 1024
+
+
+class Outcome(enum.Enum):
+    COMPLETE = "ok"
+    UPSTREAM_BROKEN = "upstream_broken"  # the upstream failed mid-answer; the client was told
+    CLIENT_STALLED = "client_stalled"  # the client stopped taking the answer; it was cut
+
+
+class Tail:
+    """The last `TAIL_BYTES` (or a little more) of a stream, kept without copying chunks."""
+
+    __slots__ = ("_chunks", "_size")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        while self._size - len(self._chunks[0]) >= TAIL_BYTES:
+            self._size -= len(self._chunks.popleft())
+
+    def bytes(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+@dataclass(eq=False, slots=True)
+class StreamFacts:
+    """What the relay saw, filled in as it goes: the caller reads it however the relay ended."""
+
+    tail: Tail = field(default_factory=Tail)
+    first_chunk: float | None = None  # perf_counter() when the upstream's first chunk came
+    upstream_end: float | None = None  # perf_counter() when the upstream finished or broke
+    broken: bool = False  # the upstream failed mid-answer
+    bytes_out: int = 0  # handed to the client's connection
+
+
+class _Buffer:
+    """Chunks on their way from the upstream reader to the client writer, bounded in bytes."""
+
+    __slots__ = ("_chunks", "_closed", "_limit", "_readable", "_size", "_writable")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._limit = limit
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    async def put(self, chunk: bytes) -> None:
+        """Add `chunk`, first waiting while the buffer is full (back-pressure)."""
+        while self._size >= self._limit:
+            self._writable.clear()
+            await self._writable.wait()
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        self._readable.set()
+
+    def close(self) -> None:
+        """No more chunks: `take()` returns b"" once the buffer is empty."""
+        self._closed = True
+        self._readable.set()
+
+    async def take(self) -> bytes:
+        """The oldest chunk, or those that piled up joined into one; b"" at the end."""
+        while not self._chunks:
+            if self._closed:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._chunks.popleft()
+        if self._chunks and len(data) < _WRITE_BYTES:
+            parts = [data]
+            size = len(data)
+            while self._chunks and size < _WRITE_BYTES:
+                parts.append(self._chunks.popleft())
+                size += len(parts[-1])
+            data = b"".join(parts)
+        self._size -= len(data)
+        self._writable.set()
+        return data
+
+
+async def relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    facts: StreamFacts,
+    *,
+    sse: bool,
+    buffer_bytes: int,
+    write_timeout: float,
+    on_upstream_end: Callable[[], None],
+) -> Outcome:
+    """Relay `upstream`'s body to the prepared `response`, decoupled by a bounded buffer.
+
+    `on_upstream_end` is called once, as soon as the upstream finished or broke (never when
+    the relay is cancelled first); it must not raise.
+
+    Error handling: the client going away surfaces as it does from `response.write()`
+    (`ConnectionResetError`, or cancellation of the handler); the upstream is then cancelled.
+    An upstream failure after the headers ends the stream with an error line in the stream's
+    own shape (`UPSTREAM_BROKEN`), so a truncated answer never looks complete.
+    """
+    buffer = _Buffer(buffer_bytes)
+    failure: Exception | None = None
+    kept_up = False
+    async with asyncio.TaskGroup() as tasks:
+        reader = tasks.create_task(_read(upstream, buffer, facts, on_upstream_end))
+        try:
+            kept_up = await _write(response, buffer, facts, write_timeout)
+        except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
+            failure = exc
+        if failure is not None or not kept_up:
+            reader.cancel()
+    if failure is not None:
+        raise failure
+    if kept_up and facts.broken:
+        await _write_stream_error(request, response, sse)
+        return Outcome.UPSTREAM_BROKEN
+    if kept_up:
+        try:
+            async with asyncio.timeout(write_timeout):
+                await response.write_eof()
+            return Outcome.COMPLETE
+        except TimeoutError:
+            pass
+    # Only after the reader has finished: an abort makes aiohttp cancel the handler.
+    if request.transport is not None:
+        request.transport.abort()  # not close(): that would wait for the client to read
+    return Outcome.CLIENT_STALLED
+
+
+async def _read(
+    upstream: aiohttp.ClientResponse,
+    buffer: _Buffer,
+    facts: StreamFacts,
+    on_upstream_end: Callable[[], None],
+) -> None:
+    try:
+        async for chunk in upstream.content.iter_any():
+            if facts.first_chunk is None:
+                facts.first_chunk = time.perf_counter()
+            facts.tail.add(chunk)
+            await buffer.put(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        facts.broken = True
+        upstream.close()
+    except BaseException:
+        upstream.close()  # cancelled: a closed connection is how Ollama learns to stop
+        raise
+    else:
+        upstream.release()
+    facts.upstream_end = time.perf_counter()
+    buffer.close()
+    on_upstream_end()
+
+
+async def _write(
+    response: web.StreamResponse, buffer: _Buffer, facts: StreamFacts, write_timeout: float
+) -> bool:
+    """Send the buffer's chunks as the client takes them; False if the client stalled."""
+    while chunk := await buffer.take():
+        try:
+            async with asyncio.timeout(write_timeout):
+                await response.write(chunk)
+        except TimeoutError:
+            return False
+        facts.bytes_out += len(chunk)
+    return True
+
+
+async def _write_stream_error(
+    request: web.Request, response: web.StreamResponse, sse: bool
+) -> None:
+    message, kind = "the model server's stream broke off", "upstream_broken"
+    if sse:
+        line = b"data: " + orjson.dumps({"error": {"message": message, "type": kind}}) + b"\n\n"
+    else:
+        line = orjson.dumps({"error": message, "type": kind}) + b"\n"
+    with contextlib.suppress(ConnectionError):  # the client may be gone as well
+        await response.write(line)
+    if request.transport is not None:
+        request.transport.close()
