@@ -24,7 +24,8 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
-from edge import ollama, relay
+from edge import body_limits, ollama, relay
+from edge.body_limits import BodyLimits
 from edge.errors import (
     AgentUnavailable,
     Forbidden,
@@ -37,6 +38,7 @@ from edge.errors import (
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.routes import Kind, Route
+from edge.settings import EdgeSettings
 from edge.state import GATE, MODELS, SESSION, SETTINGS, UPSTREAM
 from edge.upstream import State, UpstreamMonitor
 from shared import usage
@@ -59,6 +61,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         facts = ollama.sanitise(route, body, app[MODELS], settings.max_output_tokens)
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
+        body_limits.check(body, _body_limits(settings))
         if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         payload = orjson.dumps(body)
@@ -93,6 +96,15 @@ def gate_key(ex: Exchange) -> tuple[str, int | None]:
 
 def _no_slot() -> None:
     """Release nothing: the route does not take a gate slot."""
+
+
+def _body_limits(settings: EdgeSettings) -> BodyLimits:
+    return BodyLimits(
+        max_prompt_chars=settings.max_prompt_chars,
+        max_prompt_words=settings.max_prompt_words,
+        max_messages=settings.max_messages,
+        max_images=settings.max_images,
+    )
 
 
 async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeout: float) -> Any:

@@ -61,6 +61,16 @@ class EdgeSettings(BackhaulSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # Output cap forced onto num_predict / max_tokens; a caller can ask for less, never more.
     max_output_tokens: int = Field(4096, ge=1)
+    # Context-bomb limits on what the model is asked to read (edge.body_limits); 413 past them.
+    # Words are whitespace-separated runs; a token-id array counts a word a token.
+    max_prompt_words: int = Field(50_000, ge=1)
+    # Characters too, or a prompt without spaces would pass as one word: 8 a word is generous
+    # for English (about 6 with its space); code and URLs run longer.
+    max_prompt_chars: int = Field(400_000, ge=1)
+    # Messages in a conversation, and images in a request (Ollama `images` arrays, OpenAI
+    # `image_url` parts): the model encodes every image, a cost of its own.
+    max_messages: int = Field(200, ge=1)
+    max_images: int = Field(4, ge=0)
 
     # Slow clients (slowloris). Seconds an idle keep-alive connection stays open, which is also
     # the longest a client may take to send a request's headers: aiohttp's keep-alive timer
