@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from edge.state import GATE, SESSION, UPSTREAM
 from shared.telemetry import RequestRecord
 from tests.servers import edge, simulator
 
+ROOT = Path(__file__).resolve().parent.parent
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -234,3 +236,24 @@ async def test_observe_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFix
         metrics.observe(ok)
         count = metrics.requests.labels("/healthz", "200", "", "")._value.get()
         assert count == 1
+
+
+async def test_grafana_dashboard_uses_only_served_metrics(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+    async with (
+        simulator() as sim,
+        edge(sim.url, tmp_path) as e,
+        http.get(f"{e.url}/metrics") as r,
+    ):
+        text = await r.text()
+    served = {
+        family.name + suffix
+        for family in text_string_to_metric_families(text)
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    dashboard = orjson.loads((ROOT / "docs" / "grafana-dashboard.json").read_bytes())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bbackhaul_[a-z_]+", expr)}
+    assert used and used <= served, used - served
