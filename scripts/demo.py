@@ -81,7 +81,12 @@ async def demo(once: bool, telemetry: Path) -> int:
     async with running_simulator(sim_settings) as sim:
         say(f"simulated model server (Ollama wire format) on {sim.url}")
         settings = EdgeSettings(
-            host=host, port=port, upstream=sim.url, telemetry_path=telemetry, auth="none"
+            host=host,
+            port=port,
+            upstream=sim.url,
+            telemetry_path=telemetry,
+            auth="none",
+            demo_page=True,  # the browser page at /demo (docs/demo.html)
         )
         started = asyncio.Event()
         async with asyncio.TaskGroup() as group:
@@ -101,6 +106,8 @@ async def demo(once: bool, telemetry: Path) -> int:
                     f'  curl -sN {url}/v1/chat/completions -d \'{{"model": "{MODEL}", '
                     f'"stream": true, "messages": [{{"role": "user", "content": "hi"}}]}}\'\n'
                     f"  curl -s {url}/api/pull -d '{{}}'      # 404: admin routes never pass\n"
+                    f"  open {url}/demo in a browser         # tokens streamed into a page\n"
+                    f"  curl -s {url}/metrics                 # Prometheus, from loopback\n"
                     f"  tail -F {telemetry}\n"
                     f"  .venv/bin/backhaul-edge stats {telemetry}"
                 )
