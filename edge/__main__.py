@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge import serve, stats, tail
+from edge import keys_cli, serve, stats, tail
 
-COMMANDS = (serve, stats, tail)
+COMMANDS = (serve, stats, tail, keys_cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

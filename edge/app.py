@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from edge import demo, metrics, proxy
+from edge import auth, demo, features, metrics, proxy
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -91,6 +91,8 @@ def create_app(settings: EdgeSettings) -> web.Application:
         app.router.add_route(route.method, route.path, proxy.proxy)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
+    auth.setup(app)
+    features.setup(app)
     metrics.setup(app)
     demo.setup(app)
     app.on_response_prepare.append(_response_headers)
@@ -193,29 +195,41 @@ def _translate_http_exception(exc: web.HTTPException) -> EdgeError:
 
 async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web.StreamResponse:
     path = ex.path
+    guard = request.app[auth.GUARD]
+    if path not in auth.OPEN_PATHS:
+        guard.check_ban(ex)
     if not _PLAIN_PATH.fullmatch(path) or request.path != path:
         raise NotFound("no such route")
+    feature = features.lookup(request.app, path)
+    if feature is not None:
+        request[features.FEATURE] = feature
+        ex.record.feature = feature.name
     preflight = hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
     if request.method == hdrs.METH_OPTIONS and preflight:
-        return _preflight(request, path)
+        return _preflight(request, path, feature)
     ex.route = BY_PATH.get(path)
+    guard.admit(request, ex, feature)
     match = request.match_info
     if match.http_exception is not None:
         raise match.http_exception
-    return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        guard.settle(ex)
 
 
-def _preflight(request: web.Request, path: str) -> web.Response:
+def _preflight(request: web.Request, path: str, feature: features.Feature | None) -> web.Response:
     route = BY_PATH.get(path)
-    if route is None:
+    if route is None and feature is None:
         raise NotFound("no such route")
     origin = request.headers.get(hdrs.ORIGIN, "")
-    if origin not in request.app[SETTINGS].cors_origins:
+    if not _origin_allowed(request, origin):
         raise Forbidden(f"origin '{origin}' is not allowed to call this API from a browser")
+    method = route.method if route is not None else hdrs.METH_POST
     return web.Response(
         status=204,
         headers={
-            hdrs.ACCESS_CONTROL_ALLOW_METHODS: f"{route.method}, OPTIONS",
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: f"{method}, OPTIONS",
             hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ALLOWED_REQUEST_HEADERS,
             hdrs.ACCESS_CONTROL_MAX_AGE: _PREFLIGHT_MAX_AGE_S,
         },
@@ -227,11 +241,21 @@ async def _response_headers(request: web.Request, response: web.StreamResponse) 
     ex: Exchange | None = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-Id"] = ex.id
+        if ex.rate_headers:
+            response.headers.update(ex.rate_headers)
     origin = request.headers.get(hdrs.ORIGIN)
-    if origin and origin in request.app[SETTINGS].cors_origins:
+    if origin and _origin_allowed(request, origin):
         response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
         response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
         response.headers.add(hdrs.VARY, "Origin")
+
+
+def _origin_allowed(request: web.Request, origin: str) -> bool:
+    """The edge's CORS origins, plus the feature's own on a feature route."""
+    if origin in request.app[SETTINGS].cors_origins:
+        return True
+    feature = request.get(features.FEATURE)
+    return feature is not None and origin in feature.origins
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -124,13 +124,20 @@ def read_keys_file(path: Path) -> KeysFile:
 
 
 def write_keys_file(path: Path, keys: KeysFile) -> None:
-    """Replace the file atomically (the edge never reads half a file), readable by owner only."""
+    """Replace the file atomically (the edge never reads half a file), readable by its owner
+    only; run as root, the file keeps its owner (the edge's service user)."""
     data = orjson.dumps(
         keys.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        if os.geteuid() == 0:
+            # root editing the file of an edge that runs as its own user: keep it readable by
+            # that user (the old file's owner, or the directory's for a new file).
+            owner = path if path.exists() else path.parent
+            st = owner.stat()
+            os.fchown(fd, st.st_uid, st.st_gid)
         os.write(fd, data)
         os.fsync(fd)
     finally:

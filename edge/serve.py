@@ -1,4 +1,5 @@
-"""`backhaul-edge serve`: run the edge until SIGTERM or SIGINT; SIGHUP reopens the JSONL file."""
+"""`backhaul-edge serve`: run the edge until SIGTERM or SIGINT; SIGHUP reopens the JSONL file
+and looks at the API keys file at once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from edge.app import create_app
+from edge.auth import GUARD
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 from shared.errors import ConfigError
@@ -65,6 +67,13 @@ def asyncio_run(main: Any) -> None:
             runner.run(main)
 
 
+def _on_sighup(app: web.Application) -> None:
+    app[TELEMETRY].reopen()
+    keys = app[GUARD].keys
+    if keys is not None:
+        keys.request_reload()
+
+
 async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, finish, and clean up.
 
@@ -80,7 +89,7 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
         await site.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, app[TELEMETRY].reopen)
+        loop.add_signal_handler(signal.SIGHUP, _on_sighup, app)
         log.info("edge.listening", address=site.name, upstream=settings.upstream)
         if started is not None:
             started.set()

@@ -2,14 +2,65 @@
 
 from __future__ import annotations
 
+import re
 from ipaddress import ip_network
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BackhaulSettings
+
+
+class FeatureSettings(BaseModel):
+    """One feature endpoint, `POST /features/{name}` (docs/features.md): the browser sends only
+    `{"input": ...}`; the model, prompt and options are pinned here."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The model every call uses, and its system prompt.
+    model: str
+    system: str | None = None
+    # The user message: `{input}` is replaced by the caller's input (nothing else is expanded).
+    prompt: str = "{input}"
+    # Sampling options sent with every call: a fixed seed and a low temperature make answers
+    # repeatable.
+    temperature: float | None = Field(None, ge=0)
+    seed: int | None = None
+    # Generated tokens at most; never more than the edge's `max_output_tokens`.
+    max_tokens: int | None = Field(None, ge=1)
+    # JSON Schema of the answer: sent as Ollama's `format`, and every answer checked against it
+    # (502 `invalid_model_output` when it does not match).
+    json_schema: dict[str, Any] | None = None
+    # Longest input accepted, in characters (413 beyond).
+    max_input_chars: int = Field(4000, ge=1)
+    # Callable without an API key (from a public web page); limited per address then.
+    anonymous: bool = False
+    # Requests per minute per caller: per key, or per address when anonymous (default
+    # `anonymous_rpm`).
+    rpm: int | None = Field(None, ge=1)
+    # Browser origins allowed to call this feature, besides the edge's `cors_origins`.
+    cors_origins: list[str] = []
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_input(cls, value: str) -> str:
+        if "{input}" not in value:
+            raise ValueError("the prompt template must contain {input}")
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import jsonschema  # only when a feature has a schema: 50 ms of import
+
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
+        return value
 
 
 class EdgeSettings(BackhaulSettings):
@@ -31,8 +82,27 @@ class EdgeSettings(BackhaulSettings):
     telemetry_max_bytes: int = Field(100 * 1024 * 1024, ge=0)
     telemetry_backups: int = Field(5, ge=0)
 
-    auth: Literal["none", "keys"] = "none"
-    keys_path: Path | None = None
+    # `keys` (the default): every request but health probes and anonymous features needs an API
+    # key from `keys_path` (made by `backhaul-edge keys add`); `none`: open to anyone who can
+    # reach the port (the demo, tests).
+    auth: Literal["none", "keys"] = "keys"
+    keys_path: Path = Path("keys.json")
+    # Seconds between two looks at the keys file for changes (SIGHUP looks at once).
+    keys_reload_interval: float = Field(1.0, gt=0)
+    # Built-in fail2ban: `ban_threshold` failed authentications from one address within
+    # `ban_window` seconds ban it for `ban_period` seconds; bans are kept in `bans_path` across
+    # restarts (unset: in memory only).
+    bans_path: Path | None = Path("bans.json")
+    ban_threshold: int = Field(10, ge=1)
+    ban_window: float = Field(600.0, gt=0)
+    ban_period: float = Field(3600.0, gt=0)
+    # Most entries kept in each table of bans, recent failures and rate-limit buckets: bounds
+    # memory under an address spray (about 200 bytes an entry).
+    max_tracked_clients: int = Field(10_000, ge=1)
+    # Requests per minute per address for anonymous feature calls, unless the feature sets `rpm`.
+    anonymous_rpm: int = Field(30, ge=1)
+    # Feature endpoints, `POST /features/NAME` (docs/features.md): a `[features.NAME]` table each.
+    features: dict[str, FeatureSettings] = {}
     # Allowed models; empty = every model but the `*-cloud` ones (billed to the owner's account).
     models: list[str] = []
     # Origins (`https://www.example.com`) whose web pages may call the edge from a browser.
@@ -106,6 +176,14 @@ class EdgeSettings(BackhaulSettings):
     def _valid_networks(cls, value: list[str]) -> list[str]:
         for item in value:
             ip_network(item, strict=False)
+        return value
+
+    @field_validator("features")
+    @classmethod
+    def _feature_names(cls, value: dict[str, FeatureSettings]) -> dict[str, FeatureSettings]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise ValueError(f"feature name {name!r}: use letters, digits, _ and -")
         return value
 
     @field_validator("upstream")

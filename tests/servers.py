@@ -78,6 +78,10 @@ class Edge:
 @asynccontextmanager
 async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[Edge]:
     path = tmp_path / "telemetry.jsonl"
+    # Open (auth=none) unless a test asks for keys; state files in the test's own directory.
+    settings.setdefault("auth", "none")
+    settings.setdefault("keys_path", tmp_path / "keys.json")
+    settings.setdefault("bans_path", tmp_path / "bans.json")
     config = EdgeSettings(upstream=upstream, telemetry_path=path, **settings)
     app = create_app(config)
     async with serving(app) as url:
