@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.cdp import Page, chromium, find_chromium
+from tests.keyfiles import write_keys
 from tests.servers import edge, serving, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,28 +103,40 @@ async def test_demo_route_only_when_enabled(tmp_path: Path, http: aiohttp.Client
 async def test_page_reads_figures_cross_origin_and_says_offline(
     tmp_path: Path, chromium_path: str, page_site: str
 ):
+    secrets = write_keys(tmp_path / "keys.json", site={})
+    feature = {"model": "llama3.2:1b", "system": "Answer in one line.", "anonymous": True}
     async with AsyncExitStack() as agent:
         sim = await agent.enter_async_context(simulator(reply_tokens=12, tok_per_s=200))
         async with (
-            edge(sim.url, tmp_path, cors_origins=[page_site], retry_after=7) as e,
+            edge(
+                sim.url,
+                tmp_path,
+                auth="keys",
+                features={"oneline": feature},
+                cors_origins=[page_site],
+                retry_after=7,
+            ) as e,
             chromium(chromium_path, tmp_path / "profile") as browser,
         ):
             assert page_site != e.url  # two origins: every call is a CORS call
             page = await browser.new_page()
             await page.goto(f"{page_site}/demo.html?base={e.url}")
 
-            # Non-streamed: the figures are response headers, readable only when exposed.
-            whole = await run_demo(page, path="/api/generate", stream=False, prompt="sky?")
+            # A feature, anonymous, not streamed: the figures are response headers, readable
+            # only because the edge exposes them to this origin.
+            whole = await run_demo(page, path="/features/oneline", stream=False, prompt="sky?")
             assert whole["state"] == "done", (whole, browser.events_text())
             assert whole["source"] == "response headers"
             record = await e.record(whole["request_id"])
+            assert record["feature"] == "oneline"
             assert whole["tokens"] == "12" == str(record["tokens"])
             assert float(whole["tok_per_s"]) == pytest.approx(record["tok_per_s"], abs=0.01)
             assert float(whole["gen_time"]) >= 0
             assert whole["output"]
 
-            # Streamed: tokens land in the page; the figures come from the final NDJSON line.
-            streamed = await run_demo(page, path="/api/chat", stream=True, prompt="sky?")
+            # Streamed (?stream=1): tokens land in the page; the figures come from the final
+            # NDJSON line.
+            streamed = await run_demo(page, path="/features/oneline", stream=True, prompt="sky?")
             assert streamed["state"] == "done", (streamed, browser.events_text())
             assert streamed["source"].startswith("final stream line")
             assert streamed["tokens"] == "12"
@@ -131,9 +144,17 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             assert streamed["output"]
             assert (await e.record(streamed["request_id"]))["stream"] is True
 
+            # The Ollama API needs a key: the page says so, then sends the one typed in (an
+            # Authorization header, so a preflight the edge must allow).
+            keyless = await run_demo(page, path="/api/chat", stream=True, key="")
+            assert keyless["state"] == "error" and "401 unauthorized" in keyless["status"]
+            keyed = await run_demo(page, path="/api/chat", stream=True, key=secrets["site"])
+            assert keyed["state"] == "done", (keyed, browser.events_text())
+            assert (await e.record(keyed["request_id"]))["key"] == "site"
+
             # The agent goes away: the page says the model is offline and when to retry.
             await agent.aclose()
-            offline = await run_demo(page, path="/api/generate", stream=False)
+            offline = await run_demo(page, path="/features/oneline", stream=False, key="")
             assert offline["state"] == "offline", offline
             assert "Model offline (agent_unavailable)" in offline["status"]
             assert "Try again in 7 s." in offline["status"]  # Retry-After, an exposed header
@@ -142,6 +163,6 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             # Control: from an origin the edge does not list, the browser refuses the call.
             other_origin = page_site.replace("127.0.0.1", "localhost")
             await page.goto(f"{other_origin}/demo.html?base={e.url}")
-            refused = await run_demo(page, path="/api/generate", stream=False)
+            refused = await run_demo(page, path="/features/oneline", stream=False)
             assert refused["state"] == "error"
             assert "not in the edge's BACKHAUL_EDGE_CORS_ORIGINS" in refused["status"]
