@@ -115,6 +115,7 @@ class Tunnel:
         self._down.set()
         self._kick = asyncio.Event()
         self._conn: asyncssh.SSHClientConnection | None = None
+        self._closed_by_us: str | None = None  # "we closed it" is not "it broke"
         self._forwarded_once = False
         self._up_since = 0.0
         self.attempts = 0  # connection attempts so far
@@ -142,6 +143,7 @@ class Tunnel:
         log.info("tunnel.reconnect_requested", connected=self.is_up)
         self._kick.set()
         if self._conn is not None:
+            self._closed_by_us = "reconnect requested (SIGHUP)"
             self._conn.close()
 
     async def run_tunnel(self) -> None:
@@ -189,13 +191,13 @@ class Tunnel:
             up = True
             await conn.wait_closed()
             up = False
-            self._mark_down(describe(client.lost))
+            self._mark_down(self._closed_by_us or describe(client.lost))
             if isinstance(client.lost, asyncssh.DisconnectError) and (
                 REPLACED_REASON in client.lost.reason
             ):
                 raise classify(client.lost, self._fixes) from client.lost
         finally:
-            self._conn = None
+            self._conn, self._closed_by_us = None, None
             conn.close()
             try:
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):

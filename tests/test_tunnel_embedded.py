@@ -201,6 +201,7 @@ async def test_reconnect_now_cuts_the_wait_short(tmp_path: Path):
                 await tunnel.wait_down()
                 await tunnel.wait_up()
             assert tunnel.connects == 2
+            assert tunnel.last_down_reason == "reconnect requested (SIGHUP)"
 
 
 async def test_two_agents_with_one_key_newest_wins(tmp_path: Path):
