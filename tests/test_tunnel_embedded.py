@@ -186,10 +186,16 @@ async def test_reconnect_now_cuts_the_wait_short(tmp_path: Path):
         settings = agent_settings(
             tmp_path, vps.port, f"127.0.0.1:{bind}", sim.url, backoff_max=60.0
         )
-        async with running_tunnel(settings) as tunnel:
-            while tunnel.last_error is None:  # the first attempt fails on the host key
-                async with asyncio.timeout(5):
-                    await asyncio.sleep(0.01)
+        waiting = asyncio.Event()
+
+        async def sleep(delay: float) -> None:
+            waiting.set()
+            await asyncio.sleep(delay)  # a real wait at the cap, which SIGHUP must cut short
+
+        async with running_tunnel(settings, sleep=sleep) as tunnel:
+            async with asyncio.timeout(5):
+                await waiting.wait()  # the first attempt failed on the host key
+            assert isinstance(tunnel.last_error, HostKeyRejected)
             # The operator fixes known_hosts and sends SIGHUP: no 30-60 s wait.
             pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
             tunnel.reconnect_now()
