@@ -116,9 +116,11 @@ async def test_no_nagle_stall_with_the_session_nudge(tmp_path: Path, open_sessio
             async with asyncio.timeout(10):
                 await tunnel.wait_up()
             times = await _round_trips(bind, 40)
-    p50, p90 = times[len(times) // 2], times[int(len(times) * 0.9)]
+    # The stall hits every request (it is ~40 ms at the median), so the median tells the two
+    # cases apart without being at the mercy of a busy CI machine's tail.
+    p50 = times[len(times) // 2]
     if open_session == "auto":
-        assert p90 < 20, f"p50 {p50:.1f} ms, p90 {p90:.1f} ms: the nudge did not stop the stall"
+        assert p50 < 15, f"p50 {p50:.1f} ms: the session nudge did not stop the stall"
     elif sshd_version() < (10, 1):
         # The finding the nudge exists for: without a session, OpenSSH < 10.1 leaves Nagle on
         # and small messages wait for the agent's delayed ACK (~40 ms on Linux).
