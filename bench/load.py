@@ -90,11 +90,25 @@ async def w1(base_url: str, concurrency: int, total: int, tokens: int = 64) -> R
     return Result(len(latencies), errors, seconds, latencies)
 
 
-async def w2(base_url: str, streams: int, tokens: int = 256, rounds: int = 1) -> Result:
-    """`streams` concurrent streamed /api/generate requests (x `rounds`); TTFB of each."""
+async def w2(
+    base_url: str,
+    streams: int,
+    tokens: int = 256,
+    tok_per_s: float = 290.0,
+    per_stream: int = 3,
+    burst: bool = False,
+) -> Result:
+    """`streams` concurrent streamed /api/generate requests; the TTFB of each.
+
+    Steady (the default): `streams` workers each run `per_stream` streams back to back, their
+    starts spread over one stream's duration, so that `streams` streams are always in flight
+    and requests arrive one by one, as they do in production. Burst: all start in the same
+    instant, once (a connection storm: it measures how long the last of them waits).
+    """
     body = generate_body(tokens, stream=True)
     ttfb: list[float] = []
     errors = 0
+    duration = tokens / tok_per_s
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -109,10 +123,15 @@ async def w2(base_url: str, streams: int, tokens: int = 256, rounds: int = 1) ->
                 async for _ in response.content.iter_any():
                     pass
 
+        async def worker(i: int) -> None:
+            if not burst:
+                await asyncio.sleep(i * duration / streams)
+            for _ in range(1 if burst else per_stream):
+                await one()
+
         start = time.perf_counter()
-        for _ in range(rounds):
-            async with asyncio.timeout(RUN_DEADLINE_S), asyncio.TaskGroup() as group:
-                for _ in range(streams):
-                    group.create_task(one())
+        async with asyncio.timeout(RUN_DEADLINE_S), asyncio.TaskGroup() as group:
+            for i in range(streams):
+                group.create_task(worker(i))
         seconds = time.perf_counter() - start
     return Result(len(ttfb), errors, seconds, ttfb)

@@ -22,9 +22,16 @@ def free_port() -> int:
         return port
 
 
-def wait_port(port: int, deadline_s: float = 20.0) -> None:
+def wait_port(
+    port: int, deadline_s: float = 20.0, proc: subprocess.Popen[str] | None = None
+) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            assert proc.stderr is not None
+            raise RuntimeError(
+                f"{proc.args} exited {proc.returncode}: {proc.stderr.read()[-2000:]}"
+            )
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -40,7 +47,7 @@ def process(args: list[str], port: int, env: dict[str, str] | None = None) -> It
         args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        wait_port(port)
+        wait_port(port, proc=proc)
         yield proc.pid
     finally:
         proc.terminate()
@@ -60,6 +67,7 @@ def simulator(tok_per_s: float = 0, parallel: int = 64) -> Iterator[str]:
     args = [
         str(BIN / "backhaul-agent"), "simulate", "--port", str(port),
         "--tok-per-s", str(tok_per_s), "--parallel", str(parallel), "--max-queue", "4096",
+        "--reply-tokens", "100000",  # num_predict in each request sets the length
     ]  # fmt: skip
     with process(args, port):
         yield f"http://127.0.0.1:{port}"
@@ -73,6 +81,8 @@ def edge(upstream: str, telemetry: Path, **settings: str) -> Iterator[str]:
         "BACKHAUL_EDGE_UPSTREAM": upstream,
         "BACKHAUL_EDGE_TELEMETRY_PATH": str(telemetry),
         "BACKHAUL_EDGE_LOG_FORMAT": "json",
+        # Open unless a benchmark passes auth="keys" (bench/auth_bench.py measures what it costs).
+        "BACKHAUL_EDGE_AUTH": "none",
         **{f"BACKHAUL_EDGE_{k.upper()}": v for k, v in settings.items()},
     }
     with process([str(BIN / "backhaul-edge"), "serve"], port, env):
