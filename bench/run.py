@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench import load, procs
+from bench import auth_bench, load, procs
 
 
 def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict:
@@ -68,7 +68,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--auth", action="store_true", help="only W1 with API keys and rate limits on vs off"
+    )
     args = parser.parse_args()
+    if args.auth:
+        figures = auth_bench.run_section(args.requests, args.rounds)
+        if args.json:
+            print(json.dumps(figures, indent=2))
+        return
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         telemetry = Path(tmp) / "bench.jsonl"

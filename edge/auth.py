@@ -154,12 +154,9 @@ class Guard:
         # Every check first, then the takes: a refused request takes nothing from any bucket.
         checks: list[tuple[Buckets, Hashable, int, str]] = []
         if key is not None:
-            if key.tpm is not None:
-                decision = self.key_tpm.check(key.name, key.tpm)
-                if not decision.allowed:
-                    raise _limited(
-                        f"key '{key.name}' used its {key.tpm} tokens per minute", decision
-                    )
+            if key.tpm is not None and not self.key_tpm.allows(key.name, key.tpm):
+                decision = self.key_tpm.decision(key.name, key.tpm)
+                raise _limited(f"key '{key.name}' used its {key.tpm} tokens per minute", decision)
             if key.rpm is not None:
                 checks.append((self.key_rpm, key.name, key.rpm, f"key '{key.name}'"))
         if feature is not None:
@@ -170,17 +167,22 @@ class Guard:
                 checks.append((self.callers, (feature.name, caller), limit, who))
         if not checks:
             return
+        if len(checks) == 1:  # the usual case: one bucket, so check and take are one step
+            buckets, name, limit, who = checks[0]
+            if not buckets.take(name, limit):
+                message = f"{who} is over its limit of {limit} requests per minute"
+                raise _limited(message, buckets.decision(name, limit))
+            ex.rate_headers = buckets.headers(name, limit)
+            return
         for buckets, name, limit, who in checks:
-            decision = buckets.check(name, limit)
-            if not decision.allowed:
-                raise _limited(f"{who} is over its limit of {limit} requests per minute", decision)
-        tightest: Decision | None = None
+            if not buckets.allows(name, limit):
+                message = f"{who} is over its limit of {limit} requests per minute"
+                raise _limited(message, buckets.decision(name, limit))
         for buckets, name, limit, _ in checks:
-            decision = buckets.take(name, limit)
-            if tightest is None or decision.remaining < tightest.remaining:
-                tightest = decision
-        assert tightest is not None
-        ex.rate_headers = tightest.headers()
+            buckets.take(name, limit)
+        # The headers speak for the tightest limit.
+        buckets, name, limit, _ = min(checks, key=lambda c: c[0].decision(c[1], c[2]).remaining)
+        ex.rate_headers = buckets.headers(name, limit)
 
 
 def _limited(message: str, decision: Decision) -> RateLimited:

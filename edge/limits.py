@@ -1,9 +1,10 @@
 """Rate limits: token buckets per key, per feature caller and per client address, bounded.
 
 A bucket holds up to `limit` tokens and refills at `limit` per minute, so a caller may burst up
-to its limit and then goes at the limit's pace. Requests take one token before the body is read
-(`rpm`); tokens per minute (`tpm`) are charged after the response, from the figures the model
-server reported, so a bucket may go into debt and the key waits until it is out of it.
+to its limit and then goes at the limit's pace. A request takes one token before its body is
+read (`rpm`); tokens per minute (`tpm`) are charged after the response, from the figures the
+model server reported, so that bucket may go into debt: a request passes while one token is
+left, and the key waits until it is out of debt.
 
 Memory is bounded whatever an attacker does: each `Buckets` keeps at most `max_entries` entries,
 least recently used first out. A full bucket carries no state (a new one would be the same), so
@@ -32,11 +33,11 @@ _EPSILON = 1e-9
 class Decision:
     """What a bucket said: allowed or not, and the figures for the `RateLimit-*` headers."""
 
-    allowed: bool
+    allowed: bool  # a one-token request would pass now
     limit: int
-    remaining: int  # whole tokens left after this request
+    remaining: int  # whole tokens left
     reset_s: int  # seconds until the bucket is full again
-    retry_after_s: int  # seconds until the request would be allowed (0 when it is)
+    retry_after_s: int  # seconds until a request would pass (0 when it would now)
 
     def headers(self) -> dict[str, str]:
         """IETF draft `RateLimit-*` names (draft-ietf-httpapi-ratelimit-headers), plus
@@ -80,21 +81,44 @@ class Buckets:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def check(self, name: Hashable, limit: int, need: float = 1.0) -> Decision:
-        """Would a request needing `need` tokens pass now? Takes nothing."""
-        now = self.clock()
-        bucket = self._bucket(name, limit, now)
-        return self._decide(bucket, need)
+    def allows(self, name: Hashable, limit: int) -> bool:
+        """Would a one-token request pass now? Takes nothing."""
+        return self._bucket(name, limit, self.clock()).level >= 1.0 - _EPSILON
 
-    def take(self, name: Hashable, limit: int, cost: float = 1.0) -> Decision:
-        """Take `cost` tokens if there are that many; the decision says whether it did."""
-        now = self.clock()
-        bucket = self._bucket(name, limit, now)
-        decision = self._decide(bucket, cost)
-        if decision.allowed:
-            bucket.level -= cost
-            decision = self._decide(bucket, 0.0)
-        return decision
+    def take(self, name: Hashable, limit: int) -> bool:
+        """Take one token if there is one; whether it did."""
+        bucket = self._bucket(name, limit, self.clock())
+        if bucket.level < 1.0 - _EPSILON:
+            return False
+        bucket.level -= 1.0
+        return True
+
+    def headers(self, name: Hashable, limit: int) -> dict[str, str]:
+        """`RateLimit-*` for a request just admitted: `decision(...).headers()`, made cheaply
+        since every limited response carries them."""
+        bucket = self._bucket(name, limit, self.clock())
+        level = bucket.level
+        return {
+            "RateLimit-Limit": str(bucket.limit),
+            "RateLimit-Remaining": str(max(0, math.floor(level + _EPSILON))),
+            "RateLimit-Reset": str(
+                max(0, math.ceil((bucket.limit - level) * 60.0 / bucket.limit - _EPSILON))
+            ),
+        }
+
+    def decision(self, name: Hashable, limit: int) -> Decision:
+        """The bucket's figures now, for the `RateLimit-*` headers (and `Retry-After`)."""
+        bucket = self._bucket(name, limit, self.clock())
+        rate = bucket.limit / 60.0
+        level = bucket.level
+        allowed = level >= 1.0 - _EPSILON
+        return Decision(
+            allowed=allowed,
+            limit=bucket.limit,
+            remaining=max(0, math.floor(level + _EPSILON)),
+            reset_s=max(0, math.ceil((bucket.limit - level) / rate - _EPSILON)),
+            retry_after_s=0 if allowed else max(1, math.ceil((1.0 - level) / rate - _EPSILON)),
+        )
 
     def charge(self, name: Hashable, limit: int, cost: float) -> None:
         """Take `cost` tokens after the fact: the bucket may go into debt."""
@@ -122,17 +146,3 @@ class Buckets:
             if scanned + 1 >= _EVICTION_SCAN:
                 break
         self._buckets.popitem(last=False)
-
-    @staticmethod
-    def _decide(bucket: _Bucket, need: float) -> Decision:
-        rate = bucket.limit / 60.0
-        level = bucket.level
-        allowed = level >= need - _EPSILON
-        after = level - need if allowed else level
-        return Decision(
-            allowed=allowed,
-            limit=bucket.limit,
-            remaining=max(0, math.floor(after + _EPSILON)),
-            reset_s=max(0, math.ceil((bucket.limit - after) / rate - _EPSILON)),
-            retry_after_s=0 if allowed else max(1, math.ceil((need - level) / rate - _EPSILON)),
-        )

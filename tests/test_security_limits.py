@@ -131,7 +131,7 @@ def test_buckets_stay_bounded_under_an_address_spray():
     tracemalloc.start()
     try:
         for i in range(100_000):
-            assert buckets.take(("spray", f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}"), 30).allowed
+            assert buckets.take(("spray", f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}"), 30)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -141,26 +141,35 @@ def test_buckets_stay_bounded_under_an_address_spray():
     buckets = Buckets(max_entries=4, clock=clock)
     for _ in range(2):
         buckets.take("heavy", 2)
-    assert not buckets.take("heavy", 2).allowed
+    assert not buckets.take("heavy", 2)
     clock.advance(120)  # the others will be full by now; "heavy" is refilled too
     for name in ("a", "b", "c"):
         buckets.take(name, 60)
-    assert buckets.take("heavy", 2).allowed
+    assert buckets.take("heavy", 2)
     buckets.take("heavy", 2)
     for name in ("d", "e", "f"):  # three new names: evict full buckets, never "heavy"
         clock.advance(5)
         buckets.take(name, 1)
-    assert not buckets.check("heavy", 2).allowed, "the bucket in debt was kept"
+    assert not buckets.allows("heavy", 2), "the bucket in use was kept"
 
 
 def test_retry_after_is_exact_for_fractional_rates():
     clock = Clock()
     buckets = Buckets(max_entries=10, clock=clock)
     for _ in range(7):
-        assert buckets.take("k", 7).allowed
-    refused = buckets.take("k", 7)
+        assert buckets.take("k", 7)
+        expected = buckets.decision("k", 7).headers()
+        expected.pop("Retry-After", None)
+        assert buckets.headers("k", 7) == expected  # the fast path says the same
+    assert not buckets.take("k", 7)
+    refused = buckets.decision("k", 7)
     assert not refused.allowed and refused.retry_after_s == 9  # ceil(60 / 7 = 8.57)
+    assert refused.headers()["Retry-After"] == "9" and refused.headers()["RateLimit-Reset"] == "60"
     clock.advance(8.5)
-    assert not buckets.take("k", 7).allowed
+    assert not buckets.take("k", 7)
     clock.advance(60 / 7 - 8.5)
-    assert buckets.take("k", 7).allowed
+    assert buckets.take("k", 7)
+    # Tokens charged after the fact put a bucket into debt: 90 tokens on a 60-per-minute budget.
+    buckets.charge("t", 60, 90)
+    debt = buckets.decision("t", 60)
+    assert not debt.allowed and debt.retry_after_s == 31 and debt.remaining == 0

@@ -1,0 +1,178 @@
+"""What API keys and rate limits cost: W1 through an open edge vs a keyed, rate-limited one.
+
+Run: `.venv/bin/python -m bench.auth_bench` (or `make bench BENCH_ARGS=--auth`). Two edges run
+side by side against one simulator: one with `auth=none`, one with `auth=keys` and a key that
+has rpm and tpm limits (set high enough never to refuse, so every request does the whole work:
+ban check, SHA-256 and lookup, two bucket checks, the tokens charged after the response). W1
+(non-streamed /api/generate, 64 tokens) runs at concurrency 1 and 32 against each, alternating,
+`--rounds` times after a warm-up; the added cost is the median of the rounds' paired
+differences. An in-process figure (`Guard.admit` + `settle` on a mocked request, no network)
+shows the check's own cost without the noise of two processes sharing two cores. Target
+(issue 4): auth + limits add at most 0.2 ms at p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import make_mocked_request
+
+from bench import load, procs
+from edge.auth import Guard
+from edge.bans import BanList
+from edge.exchange import Exchange
+from edge.keys import ApiKey, KeysFile, KeyStore, digest, new_secret, write_keys_file
+from edge.settings import EdgeSettings
+from shared.telemetry import RequestRecord
+
+TARGET_ADDED_P50_MS = 0.2
+# Limits that are checked and charged on every request but never refuse one in a run.
+_RPM = 10_000_000
+_TPM = 10_000_000_000
+
+
+async def w1(base_url: str, concurrency: int, total: int, headers: dict[str, str]) -> load.Result:
+    """`load.w1` with request headers (the key): `total` requests, `concurrency` at a time."""
+    body = load.generate_body(64, stream=False)
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def worker() -> None:
+            nonlocal remaining, errors
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                async with session.post(f"{base_url}/api/generate", json=body) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                latencies.append((time.perf_counter() - start) * 1000.0)
+
+        start = time.perf_counter()
+        async with asyncio.timeout(load.RUN_DEADLINE_S), asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(worker())
+        seconds = time.perf_counter() - start
+    return load.Result(len(latencies), errors, seconds, latencies)
+
+
+def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
+    """Alternate open and keyed runs; the added cost is the median of the rounds' differences
+    (paired, so a slow moment of the shared machine hits both sides of one difference)."""
+    auth = {"Authorization": f"Bearer {key}"}
+    load.run(w1(off, concurrency, 200, {}))  # warm-up: connections, caches
+    load.run(w1(on, concurrency, 200, auth))
+    pairs = []
+    for _ in range(rounds):
+        o = load.run(w1(off, concurrency, total, {}))
+        k = load.run(w1(on, concurrency, total, auth))
+        if o.errors or k.errors:
+            raise RuntimeError(f"failed requests: open {o.errors}, keyed {k.errors}")
+        pairs.append((o, k))
+    added_p50 = statistics.median(k.p50 - o.p50 for o, k in pairs)
+    added_p99 = statistics.median(k.p99 - o.p99 for o, k in pairs)
+    pairs.sort(key=lambda p: p[1].p50)
+    o, k = pairs[len(pairs) // 2]
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "rounds": rounds,
+        "off": {"rps": o.rps, "p50_ms": o.p50, "p99_ms": o.p99},
+        "on": {"rps": k.rps, "p50_ms": k.p50, "p99_ms": k.p99},
+        "added_p50_ms": added_p50,
+        "added_p99_ms": added_p99,
+        "added_p50_each_round_ms": [k.p50 - o.p50 for o, k in pairs],
+    }
+
+
+def in_process(calls: int = 100_000) -> dict[str, Any]:
+    """Microseconds per request of `Guard.admit` + `settle`, keyed and rate-limited."""
+    secret = new_secret()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "keys.json"
+        key = ApiKey(name="bench", hash=digest(secret), rpm=_RPM, tpm=_TPM)
+        write_keys_file(path, KeysFile(keys=[key]))
+        store = KeyStore(path)
+        store.load()
+    settings = EdgeSettings(auth="keys", keys_path=path, bans_path=None)
+    guard = Guard(settings, store, BanList(None))
+    request = make_mocked_request(
+        "POST", "/api/generate", headers={"Authorization": f"Bearer {secret}"}
+    )
+    start = time.perf_counter()
+    for _ in range(calls):
+        ex = Exchange(
+            id="b",
+            path="/api/generate",
+            record=RequestRecord(id="b", method="POST", route="/api/generate", client="1.2.3.4"),
+        )
+        guard.check_ban(ex)
+        guard.admit(request, ex, None)
+        ex.record.prompt_tokens, ex.record.tokens = 10, 64
+        guard.settle(ex)
+    per_call_us = (time.perf_counter() - start) / calls * 1e6
+    return {"calls": calls, "us_per_request": per_call_us}
+
+
+def run_section(requests: int, rounds: int) -> dict[str, Any]:
+    """Both edges, W1 at c=1 and c=32, and the in-process figure; prints as it goes."""
+    results: dict[str, Any] = {"in_process": in_process()}
+    print(f"auth+limits in-process: {results['in_process']['us_per_request']:.1f} us per request")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        secret = new_secret()
+        key = ApiKey(name="bench", hash=digest(secret), rpm=_RPM, tpm=_TPM)
+        write_keys_file(tmp / "keys.json", KeysFile(keys=[key]))
+        common = {"max_inflight": "64", "queue_max": "4096", "log_level": "warning"}
+        keyed = {"auth": "keys", "keys_path": str(tmp / "keys.json")}
+        with (
+            procs.simulator() as sim,
+            procs.edge(sim, tmp / "off.jsonl", auth="none", **common) as off,
+            procs.edge(
+                sim, tmp / "on.jsonl", bans_path=str(tmp / "bans.json"), **keyed, **common
+            ) as on,  # fmt: skip
+        ):
+            for concurrency in (1, 32):
+                r = pair(off, on, secret, concurrency, requests, rounds)
+                results[f"w1_c{concurrency}"] = r
+                _print(r)
+        if secret in (tmp / "on.jsonl").read_text():
+            raise RuntimeError("the secret is in the telemetry log")
+    return results
+
+
+def _print(r: dict[str, Any]) -> None:
+    o, k = r["off"], r["on"]
+    verdict = "ok" if r["added_p50_ms"] <= TARGET_ADDED_P50_MS else "OVER TARGET"
+    print(
+        f"W1 c={r['concurrency']:<3} auth+limits off {o['rps']:7.0f} req/s p50 {o['p50_ms']:6.2f} "
+        f"p99 {o['p99_ms']:6.2f} ms | on {k['rps']:7.0f} req/s p50 {k['p50_ms']:6.2f} p99 "
+        f"{k['p99_ms']:6.2f} ms | added p50 {r['added_p50_ms']:+.3f} ms "
+        f"p99 {r['added_p99_ms']:+.2f} ms ({verdict}: target <= {TARGET_ADDED_P50_MS} ms at p50)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    results = run_section(args.requests, args.rounds)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
