@@ -2,14 +2,16 @@
 
 Why it is shaped like this. Writing each upstream chunk to the client before reading the next
 ties the GPU slot to the client's speed: a phone on a poor link, or a reader that stopped
-reading, would hold one of the GPU's few slots for as long as it dawdled. So `relay()` runs two
-loops joined by a bounded buffer. The reader (a task in a TaskGroup that `relay()` owns) drains
-the upstream into the buffer and, the moment the upstream ends, calls `on_upstream_end` (the
-caller releases the GPU slot there and records the answer's figures). The writer (the handler's
-own task) sends what the buffer holds whenever the client takes it. A client that keeps up gets
-each chunk as it arrives: the writer waits on the buffer, not on a timer, so the relay costs one
-event-loop turn per chunk (measured in docs/performance.md). A client that falls behind gets
-the chunks that piled up meanwhile in one write.
+reading, would hold one of the GPU's few slots for as long as it dawdled. So the handler's task
+reads the upstream at the upstream's pace, always, and the moment the upstream ends calls
+`on_upstream_end` (the caller releases the GPU slot there and records the answer's figures).
+While the client keeps up, the same task writes each chunk straight to it: a chunk is written
+only if it fits in the connection's send buffer below the high-water mark, where aiohttp's
+write cannot block, so there is no hand-off and no added latency. The first chunk that does
+not fit starts a writer task (in a TaskGroup that `relay()` owns) and from then on chunks go
+through a bounded buffer, which the writer empties whenever the client takes more, several
+chunks to a write. A first version handed every chunk to a writer task; that event-loop turn
+per chunk cost measurable latency under load (docs/performance.md), hence the direct path.
 
 Back-pressure. The buffer holds `buffer_bytes` (plus at most one chunk). When it is full the
 reader waits for the writer, and so the upstream waits, slot and all. That is a choice: the
@@ -22,7 +24,8 @@ Stalls. Each write to the client may block for at most `write_timeout`; aiohttp 
 only when the connection's send buffers are full, so that is the time the client took to accept
 about 48 KiB. Past it the client has stalled: the reader is cancelled (which closes the upstream
 connection, and Ollama stops generating), the connection is aborted, and the outcome is
-`CLIENT_STALLED`.
+`CLIENT_STALLED`. The kernel's own buffers take a few MB before any of this begins: a client
+that stops reading a shorter answer simply leaves it there, and holds nothing of ours.
 
 Resource handling: the reader releases the upstream response when it was read to the end and
 closes it on any other exit; the caller's own `with` blocks stay the owners of the response and
@@ -49,6 +52,8 @@ TAIL_BYTES = 16 * 1024
 # A writer that fell behind sends what piled up in writes of about this size: few system calls,
 # no copy of the whole buffer at once.
 _WRITE_BYTES = 64 * 1024
+# Bytes aiohttp adds to a chunk on the wire (chunked encoding: hex size and two CRLFs).
+_CHUNK_FRAMING = 16
 
 
 class Outcome(enum.Enum):
@@ -134,6 +139,10 @@ class _Buffer:
         return data
 
 
+class _ClientStalled(Exception):
+    """The client took nothing for `write_timeout`: raised in the writer to stop the reader."""
+
+
 async def relay(
     request: web.Request,
     response: web.StreamResponse,
@@ -156,45 +165,65 @@ async def relay(
     own shape (`UPSTREAM_BROKEN`), so a truncated answer never looks complete.
     """
     buffer = _Buffer(buffer_bytes)
-    failure: Exception | None = None
-    kept_up = False
-    async with asyncio.TaskGroup() as tasks:
-        reader = tasks.create_task(_read(upstream, buffer, facts, on_upstream_end))
-        try:
-            kept_up = await _write(response, buffer, facts, write_timeout)
-        except Exception as exc:  # raised after the group, not wrapped in an ExceptionGroup
-            failure = exc
-        if failure is not None or not kept_up:
-            reader.cancel()
-    if failure is not None:
-        raise failure
-    if kept_up and facts.broken:
-        await _write_stream_error(request, response, sse)
-        return Outcome.UPSTREAM_BROKEN
-    if kept_up:
+    gone: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            await _read(request, response, upstream, buffer, facts, tasks, write_timeout)
+            on_upstream_end()
+    except BaseExceptionGroup as group:  # the writer task failed; the reader was cancelled
+        _, rest = group.split(_ClientStalled)
+        if rest is not None:  # the client went away (or a bug): not a stall
+            gone = rest.exceptions[0] if len(rest.exceptions) == 1 else rest
+    else:
+        if facts.broken:
+            await _write_stream_error(request, response, sse)
+            return Outcome.UPSTREAM_BROKEN
         try:
             async with asyncio.timeout(write_timeout):
                 await response.write_eof()
             return Outcome.COMPLETE
         except TimeoutError:
             pass
-    # Only after the reader has finished: an abort makes aiohttp cancel the handler.
+    if gone is not None:
+        raise gone  # outside the except block: the middleware sees the client's own error
+    # Only now that the reader has finished: an abort makes aiohttp cancel the handler.
     if request.transport is not None:
         request.transport.abort()  # not close(): that would wait for the client to read
     return Outcome.CLIENT_STALLED
 
 
 async def _read(
+    request: web.Request,
+    response: web.StreamResponse,
     upstream: aiohttp.ClientResponse,
     buffer: _Buffer,
     facts: StreamFacts,
-    on_upstream_end: Callable[[], None],
+    tasks: asyncio.TaskGroup,
+    write_timeout: float,
 ) -> None:
+    """Read the upstream to its end, writing to the client directly while it keeps up.
+
+    A chunk is written by this task only if it fits in the connection's send buffer below
+    the high-water mark, where aiohttp's write cannot block. The first chunk that does not fit
+    starts the writer task, and from then on every chunk goes through the buffer.
+    """
+    transport = request.transport
+    high = transport.get_write_buffer_limits()[1] if transport is not None else 0
+    writer: asyncio.Task[None] | None = None
     try:
         async for chunk in upstream.content.iter_any():
             if facts.first_chunk is None:
                 facts.first_chunk = time.perf_counter()
             facts.tail.add(chunk)
+            if writer is None and (
+                transport is None
+                or transport.get_write_buffer_size() + len(chunk) + _CHUNK_FRAMING < high
+            ):
+                await response.write(chunk)  # the client keeps up: no hand-off, no delay
+                facts.bytes_out += len(chunk)
+                continue
+            if writer is None:
+                writer = tasks.create_task(_write(response, buffer, facts, write_timeout))
             await buffer.put(chunk)
     except (aiohttp.ClientError, TimeoutError):
         facts.broken = True
@@ -206,21 +235,22 @@ async def _read(
         upstream.release()
     facts.upstream_end = time.perf_counter()
     buffer.close()
-    on_upstream_end()
 
 
 async def _write(
     response: web.StreamResponse, buffer: _Buffer, facts: StreamFacts, write_timeout: float
-) -> bool:
-    """Send the buffer's chunks as the client takes them; False if the client stalled."""
+) -> None:
+    """Send the buffer's chunks as the client takes them.
+
+    Error handling: raises `_ClientStalled` when a write waits longer than `write_timeout`.
+    """
     while chunk := await buffer.take():
         try:
             async with asyncio.timeout(write_timeout):
                 await response.write(chunk)
         except TimeoutError:
-            return False
+            raise _ClientStalled from None
         facts.bytes_out += len(chunk)
-    return True
 
 
 async def _write_stream_error(

@@ -79,6 +79,7 @@ class HeldStream:
         self.lines = bulk // len(self.LINE)
         self.finish = asyncio.Event()
         self.bulk_sent = asyncio.Event()
+        self.cancelled = asyncio.Event()
         self.events: list[str] = []
         app = web.Application()
         app.router.add_get("/api/version", self._version)
@@ -101,7 +102,12 @@ class HeldStream:
         for _ in range(self.lines):
             await response.write(self.LINE)
         self.bulk_sent.set()
-        await self.finish.wait()
+        try:
+            await self.finish.wait()
+        except asyncio.CancelledError:
+            self.events.append(f"{rid} cancelled")  # the edge closed the connection
+            self.cancelled.set()
+            raise
         final = {"model": "m", "response": "", "done": True, "eval_count": 4321,
                  "eval_duration": 2_000_000_000, "prompt_eval_count": 3}  # fmt: skip
         await response.write(orjson.dumps(final) + b"\n")
@@ -148,6 +154,22 @@ async def test_stalled_reader_does_not_delay_the_next_request(
         assert record["tok_per_s"] == 2160.5  # 4321 tokens in the upstream's 2 s
         assert record["bytes_out"] > 6 * 1024 * 1024
         assert g.inflight == 0
+
+
+async def test_client_gone_while_buffered_cancels_the_upstream(tmp_path: Path):
+    """A client that fell behind (its chunks go through the buffer) and then leaves."""
+    held = HeldStream(bulk=6 * 1024 * 1024)
+    async with serving(held.app) as url, edge(url, tmp_path, max_inflight=1) as e:
+        async with asyncio.timeout(20):
+            async with RawClient.connect(e.url) as slow:
+                slow.send(slow.request("/api/generate", {**GEN, "stream": True}, "left"))
+                assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
+                await held.bulk_sent.wait()  # the upstream is still generating
+            await held.cancelled.wait()
+            await e.app[GATE].wait_inflight(0)
+            record = await wait_record(e, "left")
+    assert record["outcome"] == "client_gone" and record["tokens"] is None
+    assert held.events == ["left arrived", "left cancelled"]
 
 
 async def wait_record(e: Edge, request_id: str) -> dict[str, Any]:
