@@ -70,7 +70,7 @@ async def w1(base_url: str, concurrency: int, total: int, headers: dict[str, str
 def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
     """Alternate open and keyed runs; the added cost is the median of the rounds' differences
     (paired, so a slow moment of the shared machine hits both sides of one difference)."""
-    auth = {"Authorization": f"Bearer {key}"}
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
     load.run(w1(off, concurrency, 200, {}))  # warm-up: connections, caches
     load.run(w1(on, concurrency, 200, auth))
     pairs = []
@@ -80,7 +80,8 @@ def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int)
         if o.errors or k.errors:
             raise RuntimeError(f"failed requests: open {o.errors}, keyed {k.errors}")
         pairs.append((o, k))
-    added_p50 = statistics.median(k.p50 - o.p50 for o, k in pairs)
+    each_round = [k.p50 - o.p50 for o, k in pairs]
+    added_p50 = statistics.median(each_round)
     added_p99 = statistics.median(k.p99 - o.p99 for o, k in pairs)
     pairs.sort(key=lambda p: p[1].p50)
     o, k = pairs[len(pairs) // 2]
@@ -92,7 +93,7 @@ def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int)
         "on": {"rps": k.rps, "p50_ms": k.p50, "p99_ms": k.p99},
         "added_p50_ms": added_p50,
         "added_p99_ms": added_p99,
-        "added_p50_each_round_ms": [k.p50 - o.p50 for o, k in pairs],
+        "added_p50_each_round_ms": each_round,
     }
 
 
@@ -125,6 +126,29 @@ def in_process(calls: int = 100_000) -> dict[str, Any]:
     return {"calls": calls, "us_per_request": per_call_us}
 
 
+def noise_floor(requests: int, rounds: int) -> dict[str, Any]:
+    """The same measurement between two identical open edges (an A/A test): how large a
+    difference this machine produces when there is none."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        common = {"max_inflight": "64", "queue_max": "4096", "log_level": "warning"}
+        with (
+            procs.simulator() as sim,
+            procs.edge(sim, tmp / "a.jsonl", auth="none", **common) as a,
+            procs.edge(sim, tmp / "b.jsonl", auth="none", **common) as b,
+        ):
+            results = {}
+            for concurrency in (1, 32):
+                r = pair(a, b, "", concurrency, requests, rounds)
+                results[f"w1_c{concurrency}"] = r
+                each = ", ".join(f"{x:+.2f}" for x in r["added_p50_each_round_ms"])
+                print(
+                    f"A/A W1 c={concurrency:<3} p50 differences by round: {each} ms "
+                    f"(median {r['added_p50_ms']:+.3f})"
+                )
+    return results
+
+
 def run_section(requests: int, rounds: int) -> dict[str, Any]:
     """Both edges, W1 at c=1 and c=32, and the in-process figure; prints as it goes."""
     results: dict[str, Any] = {"in_process": in_process()}
@@ -141,7 +165,7 @@ def run_section(requests: int, rounds: int) -> dict[str, Any]:
             procs.edge(sim, tmp / "off.jsonl", auth="none", **common) as off,
             procs.edge(
                 sim, tmp / "on.jsonl", bans_path=str(tmp / "bans.json"), **keyed, **common
-            ) as on,  # fmt: skip
+            ) as on,
         ):
             for concurrency in (1, 32):
                 r = pair(off, on, secret, concurrency, requests, rounds)
@@ -168,8 +192,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--noise", action="store_true", help="also run two identical open edges (A/A)"
+    )
     args = parser.parse_args()
     results = run_section(args.requests, args.rounds)
+    if args.noise:
+        results["noise_floor"] = noise_floor(args.requests, args.rounds)
     if args.json:
         print(json.dumps(results, indent=2))
 
