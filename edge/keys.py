@@ -150,6 +150,8 @@ def _signature(path: Path) -> tuple[int, int, int, int] | None:
         st = path.stat()
     except FileNotFoundError:
         return None
+    except OSError:  # there but not ours to see: the read that follows says why, once
+        return (0, 0, 0, -1)
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -216,7 +218,12 @@ class KeyStore:
             except TimeoutError:
                 pass
             self._wake.clear()
-            if self.load():
+            try:
+                changed = self.load()
+            except Exception:  # a bug here must not stop every later reload, silently
+                log.exception("keys.watch_failed", path=str(self.path))
+                continue
+            if changed:
                 async with self._loaded:
                     self._loaded.notify_all()
 
