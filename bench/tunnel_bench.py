@@ -412,7 +412,7 @@ def main() -> None:
     baseline = bool(shutil.which("nginx") and shutil.which("ssh"))
     if not baseline:
         print("nginx or ssh not installed: the ssh -R baseline is skipped")
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         with procs.simulator() as sim, stack(tmp / "w1", sim, baseline) as urls:
@@ -432,7 +432,12 @@ def main() -> None:
             rates = {name: asyncio.run(bulk(url, args.bulk)) for name, url in urls.items()}
             results["bulk_mb_s"] = {k: statistics.median(v) for k, v in rates.items()}
             _print_bulk(results["bulk_mb_s"])  # type: ignore[arg-type]
+    results["loadavg_end"] = os.getloadavg()[0]
     _print_targets(results)
+    print(
+        f"1-min load average {results['loadavg_start']:.2f} at start, "
+        f"{results['loadavg_end']:.2f} at the end (2 cores; above ~1 the neighbours are busy)"
+    )
     if args.json:
         print(json.dumps(results, indent=2))
 
