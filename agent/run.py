@@ -20,13 +20,13 @@ import structlog
 
 from agent import ssh
 from agent.metrics import run_metrics
-from agent.notify import Notifier, SystemdEnv
 from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, StatusBoard
 from agent.tunnel import Tunnel
 from agent.upstream import ModelServer
 from shared.errors import ConfigError
 from shared.logging import configure_logging
+from shared.notify import Notifier, SystemdEnv
 
 log = structlog.get_logger(__name__)
 

@@ -268,9 +268,9 @@ async def readyz(request: web.Request) -> web.Response:
     monitor = request.app[UPSTREAM]
     if monitor.status.state.value == "unknown":
         await monitor.probe(request.app[SESSION])
-    refusal = monitor.refusal()
-    if refusal is not None:
-        raise refusal
+    unready = monitor.unready()
+    if unready is not None:
+        raise unready
     status = monitor.status
     return web.json_response(
         {

@@ -19,6 +19,7 @@ from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 from shared.errors import ConfigError
 from shared.logging import configure_logging
+from shared.notify import Notifier, SystemdEnv
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +82,7 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
     """
     app = create_app(settings)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    notifier = Notifier.from_env(SystemdEnv())
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,11 +93,19 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _on_sighup, app)
         log.info("edge.listening", address=site.name, upstream=settings.upstream)
+        # systemd (Type=notify): ready once the listener is up; the watchdog is fed from this
+        # loop, so a wedged loop gets the edge restarted, not only a dead process.
+        notifier.ready(f"serving on {site.name}")
         if started is not None:
             started.set()
-        await stop.wait()
+        async with asyncio.TaskGroup() as group:
+            watchdog = group.create_task(notifier.run_watchdog(), name="watchdog")
+            await stop.wait()
+            watchdog.cancel()
         log.info("edge.stopping")
+        notifier.stopping()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await runner.cleanup()
+        notifier.close()

@@ -86,7 +86,13 @@ class UpstreamMonitor:
         self._connected = connected
 
     def refusal(self) -> EdgeError | None:
-        """The error to answer at once, or None if a request should go upstream."""
+        """The error to answer at once, or None if a request should go upstream.
+
+        Only an absent agent or a silent tunnel is refused without trying: those would make a
+        request wait for a timeout. A model server that failed a probe is still tried, since a
+        try fails fast (the agent resets the connection) and a probe can land in a blip (sshd
+        tearing down an old session), which must not turn into 502s for the next half second.
+        """
         if self._agent_present is False or self._state in (
             State.AGENT_ABSENT,
             State.TUNNEL_SILENT,
@@ -95,6 +101,13 @@ class UpstreamMonitor:
                 "the model server is offline: its workstation is not connected",
                 headers={"Retry-After": self.retry_after},
             )
+        return None
+
+    def unready(self) -> EdgeError | None:
+        """Why `/readyz` is not ready: a refusal, or a model server that failed its probe."""
+        refusal = self.refusal()
+        if refusal is not None:
+            return refusal
         if self._state is State.MODEL_SERVER_DOWN:
             return UpstreamUnavailable(
                 "the workstation is connected but its model server is not answering",
@@ -110,6 +123,9 @@ class UpstreamMonitor:
         log.info("upstream.agent_presence", present=present)
         if present is False:
             self._set(State.AGENT_ABSENT, "agent disconnected")
+        elif present and self._state in (State.AGENT_ABSENT, State.TUNNEL_SILENT):
+            # Its forward is up now: let requests through at once; the probe confirms.
+            self._set(State.UNKNOWN, "agent connected; probing")
         self._count_connect()
         self._wake.set()  # probe now: a new agent should be usable at once
 
@@ -140,6 +156,8 @@ class UpstreamMonitor:
         self._count_connect()
         if state is State.UP:
             log.info("upstream.up", previous=previous.value)
+        elif state is State.UNKNOWN:
+            log.info("upstream.probing", previous=previous.value, reason=reason)
         else:
             log.warning("upstream.down", state=state.value, reason=reason)
             if state in (State.TUNNEL_SILENT, State.AGENT_ABSENT):

@@ -10,13 +10,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from agent.notify import Notifier
 from agent.settings import AgentSettings
 from agent.simulator import SimulatorSettings, running_simulator
 from agent.status import StatusBoard
 from agent.upstream import ModelServer
 from edge.sshd import SSH_SERVER
 from edge.state import SESSION, UPSTREAM
+from shared.notify import Notifier
 from tests.servers import edge, free_port, serving
 from tests.sshd_fixtures import agent_settings, make_key, pin, public_line, running_tunnel
 

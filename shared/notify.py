@@ -1,10 +1,11 @@
 """systemd's notify protocol, by hand: one datagram per message to `$NOTIFY_SOCKET`.
 
-`READY=1` once the first forward is up (`Type=notify` holds dependants until then), `STATUS=`
+Both programs use it. The agent sends `READY=1` once the first forward is up, the edge once it
+listens (`Type=notify` holds dependants until then); `STATUS=`
 on every state change (shown by `systemctl status`), `WATCHDOG=1` from the event loop at half
 of `$WATCHDOG_USEC` (so a wedged loop is restarted, not just a dead process), `STOPPING=1` on
 SIGTERM. Outside systemd every call is a no-op. The protocol is a few lines (sd_notify(3)), so
-there is no dependency for it; the module imports nothing of the agent's so the edge can share it.
+there is no dependency for it.
 """
 
 from __future__ import annotations
