@@ -1,4 +1,4 @@
-"""`make demo` keeps working: run it end to end (with --once) as a user would."""
+"""`make demo` keeps working: the whole pair end to end (with --once), as a user runs it."""
 
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_shows_a_request_flowing(tmp_path: Path):
-    telemetry = tmp_path / "demo.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.demo", "--once", "--telemetry", str(telemetry)],
+        [sys.executable, "-m", "scripts.demo", "--once", "--state", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=90,
         check=False,
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for header in ("X-Tok-Per-S", "X-Gen-Time", "X-Tokens"):
         assert f"{header}: " in out and f"{header}: None" not in out
+    assert "agent connected" in out and "through the tunnel" in out
     assert "final chunk: eval_count=" in out
-    assert len(telemetry.read_text().splitlines()) == 2
+    lines = (tmp_path / "telemetry.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert '"status":200' in line and '"outcome":"ok"' in line
