@@ -31,8 +31,12 @@ test: lint typecheck unit
 demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
+# The benchmarks (figures and how to read them: docs/performance.md). Each prints its figures;
+# none is a pass/fail test. About 5 minutes on two cores.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.tunnel_bench
+	$(BIN)/python -m bench.stats_bench
 
 # docs/configuration.md is generated from the settings classes (tests/test_docs.py checks it).
 docs: $(STAMP)
