@@ -6,6 +6,9 @@ Each pair of runs (direct, edge) is repeated `--rounds` times, alternating, afte
 the round with the median edge figure is reported, so one noisy moment on this shared 2-core
 machine does not decide the result. Targets (issue 2): concurrency 1 adds <= 1 ms at p50 and
 <= 3 ms at p99; at 32 the edge keeps >= 40% of direct's req/s; W2 adds <= 10 ms TTFB at p99.
+Gate (bench/gate_bench.py, `--gate` alone): 64 clients on the default two-slot gate, 8 of them
+reading 4 MB answers slowly; the fast clients' TTFB p99 with and without the slow ones
+(target, issue 4: changed by at most 10%).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench import auth_bench, load, procs
+from bench import auth_bench, gate_bench, load, procs
 
 
 def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict:
@@ -71,7 +74,16 @@ def main() -> None:
     parser.add_argument(
         "--auth", action="store_true", help="only W1 with API keys and rate limits on vs off"
     )
+    parser.add_argument(
+        "--gate", action="store_true", help="only the gate with slow readers vs without"
+    )
     args = parser.parse_args()
+    if args.gate:
+        with tempfile.TemporaryDirectory() as tmp:
+            gate = gate_bench.run(Path(tmp) / "gate.jsonl", args.rounds)
+        if args.json:
+            print(json.dumps(gate, indent=2))
+        return
     if args.auth:
         figures = auth_bench.run_section(args.requests, args.rounds)
         if args.json:
@@ -97,6 +109,7 @@ def main() -> None:
             _print_w2(results["w2"])
         lines = telemetry.read_bytes().count(b"\n")
         print(f"telemetry lines written by the edge: {lines}")
+        results["gate"] = gate_bench.run(Path(tmp) / "gate.jsonl", args.rounds)
     if args.json:
         print(json.dumps(results, indent=2))
 

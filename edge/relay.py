@@ -10,8 +10,9 @@ only if it fits in the connection's send buffer below the high-water mark, where
 write cannot block, so there is no hand-off and no added latency. The first chunk that does
 not fit starts a writer task (in a TaskGroup that `relay()` owns) and from then on chunks go
 through a bounded buffer, which the writer empties whenever the client takes more, several
-chunks to a write. A first version handed every chunk to a writer task; that event-loop turn
-per chunk cost measurable latency under load (docs/performance.md), hence the direct path.
+chunks to a write. (A first version handed every chunk to a writer task. Measured on a quiet
+machine the extra event-loop turn was within noise, docs/performance.md, but the direct path
+does less per chunk and leaves a fast reader on exactly the seed relay's path.)
 
 Back-pressure. The buffer holds `buffer_bytes` (plus at most one chunk). When it is full the
 reader waits for the writer, and so the upstream waits, slot and all. That is a choice: the
