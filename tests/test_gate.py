@@ -11,6 +11,7 @@ import pytest
 from edge.errors import Overloaded
 from edge.gate import Gate, Slot
 from edge.state import GATE
+from tests.keyfiles import bearer, write_keys
 from tests.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -202,6 +203,48 @@ async def test_anonymous_callers_share_slots_fairly_by_address(
         quiet, last = await e.record("q0"), await e.record("f5")
         assert quiet["client"] == "198.51.100.7" and quiet["status"] == 200
         assert 0 < quiet["queue_ms"] < last["queue_ms"]
+
+
+async def test_api_keys_share_the_gate_within_their_own_limits(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    """A key at its max_concurrency waits; another key takes the slot left free meanwhile."""
+    secrets = write_keys(tmp_path / "keys.json", flood={"max_concurrency": 1}, other={})
+    async with (
+        simulator(tok_per_s=20, reply_tokens=10_000, parallel=2) as sim,
+        edge(sim.url, tmp_path, auth="keys", max_inflight=2) as e,
+    ):
+        g = e.app[GATE]
+
+        async def call(request_id: str, key: str) -> int:
+            body = {**GEN, "options": {"num_predict": 1}}
+            headers = {"X-Request-Id": request_id, **bearer(secrets[key])}
+            async with http.post(f"{e.url}/api/generate", json=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        async with asyncio.timeout(20):
+            holder = {**GEN, "stream": True}
+            async with http.post(
+                f"{e.url}/api/generate", json=holder, headers=bearer(secrets["flood"])
+            ) as held:
+                await held.content.readline()
+                async with asyncio.TaskGroup() as group:
+                    floods = []
+                    for i in range(3):
+                        floods.append(group.create_task(call(f"f{i}", "flood")))
+                        await g.wait_queued(i + 1)
+                    assert g.inflight == 1  # a slot is free, but not for a key at its limit
+                    assert await call("o1", "other") == 200  # it takes the free slot at once
+                    assert g.running("key:flood") == 1 and g.queued == 3
+                    held.close()  # the holder leaves; flood's waiters run one at a time
+        assert [f.result() for f in floods] == [200, 200, 200]
+        other = await e.record("o1")
+        assert other["key"] == "other" and other["queue_ms"] == 0.0
+        for i in range(3):
+            record = await e.record(f"f{i}")
+            assert record["key"] == "flood" and record["queue_ms"] > 0
+        assert sim.stats.peak_generating <= 2
 
 
 async def test_overloaded_through_the_edge_has_retry_after_and_telemetry(
