@@ -185,11 +185,17 @@ class Gate:
         mine = len(self._waiting.get(key, ()))
         longest = max(self._waiting.values(), key=len, default=None)
         if longest is None or len(longest) <= mine + 1:
-            raise Overloaded(
-                f"the model server is at capacity ({self.inflight} running, "
-                f"{self.queued} queued); try again shortly",
-                headers={"Retry-After": self._retry_after},
-            )
+            if self.inflight < self.max_inflight:  # the slots are free, not for this key
+                message = (
+                    f"this caller is at its limit of {self.running(key)} requests at once "
+                    "and the queue is full; try again shortly"
+                )
+            else:
+                message = (
+                    f"the model server is at capacity ({self.inflight} running, "
+                    f"{self.queued} queued); try again shortly"
+                )
+            raise Overloaded(message, headers={"Retry-After": self._retry_after})
         victim = longest.pop()  # never empties it: it is longer than mine + 1 >= 1
         self.queued -= 1
         victim.decided.set_result(False)

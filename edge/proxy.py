@@ -45,6 +45,10 @@ from shared import usage
 from shared.usage import Usage
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+# A buffered answer larger than this is written by the handler under the write timeout: left to
+# aiohttp, a client that stopped reading it would keep the connection forever. Smaller ones
+# (nearly all) fit the connection's send buffer and are left to aiohttp, as before.
+_SEND_UNDER_TIMEOUT_BYTES = 64 * 1024
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -65,7 +69,29 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         payload = orjson.dumps(body)
-    return await forward(request, ex, route, payload)
+    response = await forward(request, ex, route, payload)
+    return await _send_large(request, ex, response, app[SETTINGS].write_timeout)
+
+
+async def _send_large(
+    request: web.Request, ex: Exchange, response: web.StreamResponse, write_timeout: float
+) -> web.StreamResponse:
+    """Write a large buffered answer now, cutting a client that takes nothing for
+    `write_timeout` (`client_stalled`); the gate slot was released before this."""
+    if not isinstance(response, web.Response) or response.prepared:
+        return response
+    if (response.content_length or 0) <= _SEND_UNDER_TIMEOUT_BYTES:
+        return response
+    await response.prepare(request)
+    ex.headers_sent = True
+    try:
+        async with asyncio.timeout(write_timeout):
+            await response.write_eof()
+    except TimeoutError:
+        ex.record.outcome = "client_stalled"
+        if request.transport is not None:
+            request.transport.abort()
+    return response
 
 
 async def forward(

@@ -124,11 +124,15 @@ async def test_full_queue_drops_the_flooders_newest_for_a_quiet_key():
 
 
 async def test_no_queue_means_503_at_once():
-    g = gate(queue_max=0)
-    async with g.slot("a"):
-        with pytest.raises(Overloaded, match="at capacity"):
-            async with g.slot("b"):
+    g = gate(max_inflight=2, queue_max=0)
+    async with g.slot("a", limit=1):
+        with pytest.raises(Overloaded, match="at its limit of 1 requests at once"):
+            async with g.slot("a", limit=1):
                 pass
+        async with g.slot("b"):
+            with pytest.raises(Overloaded, match=r"at capacity \(2 running, 0 queued\)"):
+                async with g.slot("c"):
+                    pass
 
 
 async def test_wait_past_queue_timeout_is_overloaded():

@@ -245,6 +245,35 @@ async def test_stall_after_the_upstream_ended_is_cut_too(tmp_path: Path):
     assert held.events == ["late arrived", "late done"]
 
 
+async def test_stalled_reader_of_a_large_buffered_answer_is_cut(tmp_path: Path):
+    """A non-streamed answer too large for the kernel's buffers, and a client that never reads."""
+    answer = {"model": "m", "response": "x" * (6 * 1024 * 1024), "done": True, "eval_count": 5}
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.6"})
+
+    async def generate(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_post("/api/generate", generate)
+    async with (
+        serving(app) as url,
+        edge(url, tmp_path, max_inflight=1, write_timeout=0.5) as e,
+        asyncio.timeout(20),
+        RawClient.connect(e.url) as slow,
+    ):
+        slow.send(slow.request("/api/generate", GEN, "big"))
+        assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
+        assert e.app[GATE].inflight == 0  # the slot went before the answer was written
+        record = await wait_record(e, "big")
+        await slow.wait_closed_by_server()
+    assert record["outcome"] == "client_stalled" and record["status"] == 200
+    assert record["tokens"] == 5 and record["stream"] is False
+
+
 async def test_trickled_headers_are_cut_without_a_request(tmp_path: Path):
     async with (
         simulator() as sim,
