@@ -123,8 +123,9 @@ class EdgeSettings(BackhaulSettings):
     # holds ~80,000 NDJSON tokens (~36,000 SSE), far past what max_output_tokens allows; a
     # client slower than that fills it, and then the upstream waits for it, slot and all.
     stream_buffer_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
-    # Seconds a client may take to accept the next part of a streamed answer; past it the stream
-    # is cut (`client_stalled`) and the upstream cancelled if it is still running.
+    # Seconds a client may take to accept the next part of a streamed answer (or of a buffered
+    # one over 64 KiB); past it the answer is cut (`client_stalled`) and the upstream cancelled
+    # if it is still running.
     write_timeout: float = Field(60.0, gt=0)
 
     # 20 MB: a few base64 images fit, a context bomb does not.
