@@ -121,6 +121,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         connector=connector,
         timeout=timeout,
         auto_decompress=False,
+        # The model server sets no cookies we want; skipping the jar saves work per request.
+        cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent",),
     ) as session:
         app[SESSION] = session

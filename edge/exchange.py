@@ -7,8 +7,8 @@ record, and the middleware writes it once, whatever happened.
 from __future__ import annotations
 
 import re
+import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
@@ -48,7 +48,7 @@ def request_id(supplied: str | None) -> str:
     """The caller's `X-Request-Id` when it is a sane token, else a new one."""
     if supplied and _REQUEST_ID.fullmatch(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)  # 128 random bits, as a UUID4 has, for a fifth of the cost
 
 
 class ClientAddress:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import TracebackType
 
 import aiohttp
 import structlog
@@ -46,6 +45,31 @@ class Status:
     reason: str
     since: float  # time.time() of the last change
     agent_present: bool | None  # from the embedded SSH server; None = not known (sshd mode)
+
+
+class _Waiting:
+    """An `asyncio.timeout` the monitor can fire early; a class, not a generator-based context
+    manager, because it is on every request's path."""
+
+    __slots__ = ("_registry", "_seconds", "_timeout")
+
+    def __init__(self, registry: set[asyncio.Timeout], seconds: float) -> None:
+        self._registry = registry
+        self._seconds = seconds
+        self._timeout: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> asyncio.Timeout:
+        self._timeout = asyncio.timeout(self._seconds)
+        await self._timeout.__aenter__()
+        self._registry.add(self._timeout)
+        return self._timeout
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._timeout is not None
+        self._registry.discard(self._timeout)
+        await self._timeout.__aexit__(kind, exc, tb)
 
 
 class UpstreamMonitor:
@@ -134,19 +158,14 @@ class UpstreamMonitor:
         self._set(state, reason)
         self._wake.set()
 
-    @asynccontextmanager
-    async def waiting(self, read_timeout: float) -> AsyncIterator[asyncio.Timeout]:
-        """Bound a wait for response headers; it ends early if the upstream goes down.
+    def waiting(self, read_timeout: float) -> _Waiting:
+        """`async with` it around a wait for response headers: the wait ends early if the
+        upstream goes down.
 
         Error handling: raises `TimeoutError` when the read timeout passes or the monitor
         decides the upstream is down; the caller asks `refusal()` which of the two it was.
         """
-        async with asyncio.timeout(read_timeout) as timeout:
-            self._waiting.add(timeout)
-            try:
-                yield timeout
-            finally:
-                self._waiting.discard(timeout)
+        return _Waiting(self._waiting, read_timeout)
 
     def _set(self, state: State, reason: str) -> None:
         if state is self._state:

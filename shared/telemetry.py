@@ -8,6 +8,7 @@ with the edge (`edge.telemetry`); the readers (stats, tail) parse lines back wit
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,9 +61,22 @@ class RequestRecord:
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RequestRecord))
 
 
+_second: int = -1
+_second_prefix = ""
+
+
 def utc_now_iso() -> str:
-    """ISO 8601 UTC with milliseconds and a `Z`, the `ts` format."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC with milliseconds and a `Z`, the `ts` format.
+
+    Called once per request: the date and time up to the second are formatted once a second.
+    """
+    global _second, _second_prefix
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        stamp = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")
+        _second, _second_prefix = second, stamp.removesuffix("+00:00")
+    return f"{_second_prefix}.{int((now - second) * 1000):03d}Z"
 
 
 def parse_line(line: bytes | str) -> dict[str, Any]:
