@@ -12,9 +12,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -24,6 +22,7 @@ from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, StatusBoard
 from agent.tunnel import Tunnel
 from agent.upstream import ModelServer
+from shared import runtime
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.notify import Notifier, SystemdEnv
@@ -71,19 +70,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
     notifier = Notifier.from_env(SystemdEnv())
     try:
-        return _asyncio_run(serve(settings, notifier))
+        return runtime.run(serve(settings, notifier))
     finally:
         notifier.close()
-
-
-def _asyncio_run(main: Coroutine[Any, Any, int]) -> int:
-    """Run `main` on uvloop when it is installed, as the edge does."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 async def serve(
@@ -121,6 +110,7 @@ async def serve(
         "agent.starting", vps=remote, remote_bind=settings.remote_bind, upstream=settings.upstream
     )
     board.update()
+    runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from agent.simulator_app import (
     SimulatorStats,
     create_simulator_app,
 )
+from shared import runtime
 from shared.logging import configure_logging
 
 __all__ = [
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"backhaul-agent simulate: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=runtime.loop_factory()) as runner:
         try:
             runner.run(_serve(settings, args.host, args.port))
         except OSError as exc:
@@ -156,20 +157,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop  # optional: measured faster (bench/), absent on Windows
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 async def _serve(settings: SimulatorSettings, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runner, bound = await start_simulator(settings, host, port)
+    # A stand-in for Ollama (Go): no multi-millisecond GC pauses of its own in the baseline.
+    runtime.tune_gc()
     try:
         log.info("simulator.listening", host=host, port=bound, **settings.model_dump())
         await stop.wait()

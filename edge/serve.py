@@ -17,6 +17,7 @@ from edge.app import create_app
 from edge.auth import GUARD
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
+from shared import runtime
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.notify import Notifier, SystemdEnv
@@ -53,19 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"backhaul-edge: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
-    asyncio_run(serve(settings))
+    runtime.run(serve(settings))
     return 0
-
-
-def asyncio_run(main: Any) -> None:
-    """Run `main` on uvloop when it is installed (measured faster: docs/performance.md)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main)
 
 
 def _on_sighup(app: web.Application) -> None:
@@ -84,6 +74,7 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     notifier = Notifier.from_env(SystemdEnv())
     await runner.setup()
+    runtime.tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
