@@ -1,7 +1,7 @@
 """`GET /demo`: the browser demo page, when `BACKHAUL_EDGE_DEMO_PAGE=true`.
 
-The page is one static file, `edge/demo.html`, shipped in the package; `docs/demo.html` is the
-same file for website developers to copy (a test keeps the two identical). Served by the edge it
+The page is one static file, `edge/demo.html`, shipped in the package; `docs/demo.html` links to
+it, for website developers to copy. Served by the edge it
 calls the edge on its own origin, so it works without any CORS setting; copied to another site
 it needs that site's origin in `BACKHAUL_EDGE_CORS_ORIGINS`.
 """
