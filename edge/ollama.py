@@ -8,6 +8,7 @@ models are refused) are in ../shared/research/gateway-anchors.md §1.4.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,24 +158,24 @@ def _text_chars(value: Any, what: str) -> int:
     raise InvalidRequest(f"{what} must be a string or a list")
 
 
-def filter_models(route: Route, body: Any, policy: ModelPolicy) -> Any:
-    """Remove models the policy refuses from a `/api/tags`, `/api/ps` or `/v1/models` body."""
+def filter_models(route: Route, body: Any, allows: Callable[[str], bool]) -> Any:
+    """Remove the models `allows` refuses from a `/api/tags`, `/api/ps` or `/v1/models` body."""
     if not isinstance(body, dict):
         return body
     if route.openai:
         items = body.get("data")
         if isinstance(items, list):
-            body["data"] = [m for m in items if _model_name(m, "id", policy)]
+            body["data"] = [m for m in items if _model_name(m, "id", allows)]
         return body
     items = body.get("models")
     if isinstance(items, list):
-        body["models"] = [m for m in items if _model_name(m, "name", policy)]
+        body["models"] = [m for m in items if _model_name(m, "name", allows)]
     return body
 
 
-def _model_name(item: Any, field: str, policy: ModelPolicy) -> bool:
+def _model_name(item: Any, field: str, allows: Callable[[str], bool]) -> bool:
     name = item.get(field) if isinstance(item, dict) else None
-    return isinstance(name, str) and policy.allows(name)
+    return isinstance(name, str) and allows(name)
 
 
 def filter_show(body: Any) -> Any:

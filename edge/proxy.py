@@ -230,7 +230,7 @@ def _buffered(
         return _response(ex, status, content_type, body, {})
     extra: dict[str, str] = {}
     if route.kind is Kind.LIST:
-        body = orjson.dumps(ollama.filter_models(route, orjson.loads(body), app[MODELS]))
+        body = orjson.dumps(ollama.filter_models(route, orjson.loads(body), _model_filter(app, ex)))
     elif route.kind is Kind.SHOW:
         body = orjson.dumps(ollama.filter_show(orjson.loads(body)))
     elif route.kind is Kind.GENERATE:
@@ -245,6 +245,14 @@ def _buffered(
         _record_usage(ex, usage.from_body(body, openai=route.openai), ex.upstream_s)
         extra["X-Gen-Time"] = f"{ex.upstream_s:.3f}"
     return _response(ex, status, content_type, body, extra)
+
+
+def _model_filter(app: web.Application, ex: Exchange) -> Callable[[str], bool]:
+    """The models this caller may see listed: the edge's allowlist, then its key's own."""
+    policy, key = app[MODELS], ex.key
+    if key is None or not key.models:
+        return policy.allows
+    return lambda model: policy.allows(model) and key.allows_model(model)
 
 
 def _response(

@@ -68,7 +68,8 @@ def test_refusals():
 def test_filter_models_keeps_only_allowed():
     policy = ModelPolicy(["a:1b"])
     tags = {"models": [{"name": "a:1b"}, {"name": "b:1b"}, {"name": "a:1b-cloud"}, "junk"]}
-    assert filter_models(BY_PATH["/api/tags"], tags, policy) == {"models": [{"name": "a:1b"}]}
+    kept = filter_models(BY_PATH["/api/tags"], tags, policy.allows)
+    assert kept == {"models": [{"name": "a:1b"}]}
 
 
 def test_usage_from_stream_tails():

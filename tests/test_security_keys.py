@@ -136,7 +136,21 @@ async def test_model_outside_the_keys_allowlist_is_403(
             ) as r:
                 assert r.status in (200, 404)  # allowed through; the simulator may not have it
             assert reached(sim) == ["/api/generate"]
+            # Model lists show a key only the models it may use.
+            async with http.get(f"{e.url}/api/tags", headers=headers) as r:
+                assert [m["name"] for m in (await r.json())["models"]] == []
+            async with http.get(f"{e.url}/v1/models", headers=headers) as r:
+                assert (await r.json())["data"] == []
             await assert_no_secret(e, secrets, logs, caplog)
+
+
+async def test_model_lists_follow_the_keys_allowlist(tmp_path: Path, http: aiohttp.ClientSession):
+    secrets = write_keys(tmp_path / "keys.json", narrow={"models": ["qwen2.5:0.5b"]}, wide={})
+    async with simulator() as sim, edge(sim.url, tmp_path, **keyed(tmp_path)) as e:
+        async with http.get(f"{e.url}/api/tags", headers=bearer(secrets["narrow"])) as r:
+            assert [m["name"] for m in (await r.json())["models"]] == ["qwen2.5:0.5b"]
+        async with http.get(f"{e.url}/v1/models", headers=bearer(secrets["wide"])) as r:
+            assert len((await r.json())["data"]) == 3  # every model the simulator has
 
 
 async def test_no_keys_file_refuses_everything_and_tells_the_operator(
