@@ -192,9 +192,13 @@ class TelemetryWriter:
         if self.backups == 0:
             self.path.unlink(missing_ok=True)
             return
-        for n in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{n}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
-        self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+        name = self.path.name
+        # An operator may gzip old files (`.2.gz`): they age and expire like the plain ones.
+        for suffix in ("", ".gz"):
+            self.path.with_name(f"{name}.{self.backups}{suffix}").unlink(missing_ok=True)
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{name}.{n}{suffix}")
+                if older.exists():
+                    older.replace(self.path.with_name(f"{name}.{n + 1}{suffix}"))
+        self.path.replace(self.path.with_name(f"{name}.1"))
         log.info("telemetry.rotated", path=str(self.path))

@@ -59,6 +59,18 @@ def test_rotation_by_size(tmp_path: Path):
     assert ids == [f"r{i}" for i in range(60 - len(ids), 60)]  # newest kept, in order
 
 
+def test_rotation_ages_gzipped_backups_too(tmp_path: Path):
+    path = tmp_path / "t.jsonl"
+    (tmp_path / "t.jsonl.1.gz").write_bytes(b"one")  # an operator gzipped the older files
+    (tmp_path / "t.jsonl.2.gz").write_bytes(b"two")
+    writer = TelemetryWriter(path, max_bytes=300, backups=2)
+    for i in range(3):  # ~230 bytes a line: every line after the first rotates
+        writer.write(RequestRecord(id=f"r{i}", method="POST", route="/api/chat"))
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
+    assert orjson.loads(path.read_bytes())["id"] == "r2"
+
+
 def test_reopen_after_logrotate_moved_the_file(tmp_path: Path):
     path = tmp_path / "t.jsonl"
     writer = TelemetryWriter(path)
