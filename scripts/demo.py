@@ -102,6 +102,7 @@ async def wait_ready(url: str, deadline_s: float = 30.0) -> dict[str, object]:
 
 
 async def show_requests(url: str, model: str, telemetry: Path) -> None:
+    before = len(await asyncio.to_thread(_lines, telemetry))  # an earlier demo's lines stay
     async with aiohttp.ClientSession() as http:
         say("POST /api/generate through the tunnel, not streamed")
         body = {"model": model, "prompt": "Why is the sky blue?", "stream": False}
@@ -125,11 +126,15 @@ async def show_requests(url: str, model: str, telemetry: Path) -> None:
     say(f"the telemetry lines ({telemetry})")
     lines: list[str] = []
     async with asyncio.timeout(5):  # the edge appends each line within 10 ms of the request
-        while len(lines) < 2:
+        while len(lines) < before + 2:
             await asyncio.sleep(0.05)
-            lines = (await asyncio.to_thread(telemetry.read_text)).splitlines()
-    for line in lines[-2:]:
+            lines = await asyncio.to_thread(_lines, telemetry)
+    for line in lines[before:]:
         print(f"{DIM}{line}{RESET}")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
 
 
 def prepare_keys(state: Path, ssh_port: int) -> None:
