@@ -19,6 +19,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from edge import auth, demo, features, metrics, proxy
+from edge.body_limits import BodyLimits
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -34,9 +35,18 @@ from edge.ollama import ModelPolicy
 from edge.routes import BY_PATH, ROUTES
 from edge.settings import EdgeSettings
 from edge.sshd import ssh_server_ctx
-from edge.state import CLIENTS, GATE, MODELS, SESSION, SETTINGS, TELEMETRY, UPSTREAM
+from edge.state import (
+    BODY_LIMITS,
+    CLIENTS,
+    GATE,
+    MODELS,
+    SESSION,
+    SETTINGS,
+    TELEMETRY,
+    UPSTREAM,
+)
 from edge.telemetry import TelemetryWriter
-from edge.upstream import UpstreamMonitor
+from edge.upstream import State, UpstreamMonitor
 from shared.telemetry import RequestRecord
 
 log = structlog.get_logger(__name__)
@@ -81,6 +91,12 @@ def create_app(settings: EdgeSettings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[MODELS] = ModelPolicy(settings.models)
+    app[BODY_LIMITS] = BodyLimits(
+        max_prompt_chars=settings.max_prompt_chars,
+        max_prompt_words=settings.max_prompt_words,
+        max_messages=settings.max_messages,
+        max_images=settings.max_images,
+    )
     app[GATE] = Gate(
         settings.max_inflight, settings.queue_max, settings.queue_timeout, settings.retry_after
     )
@@ -112,7 +128,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
     # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, enable_cleanup_closed=False)
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
     monitor = UpstreamMonitor(
         settings.upstream, settings.probe_interval, settings.probe_timeout, settings.retry_after
     )
@@ -138,14 +154,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.raw_path.partition("?")[0]
-    ex = Exchange(
+    record = RequestRecord(
         id=request_id(request.headers.get("X-Request-Id")),
-        path=path,
-        record=RequestRecord(
-            id="", method=request.method, route=path[:256], client=request.app[CLIENTS].of(request)
-        ),
+        method=request.method,
+        route=path[:256],
+        client=request.app[CLIENTS].of(request),
     )
-    ex.record.id = ex.id
+    ex = Exchange(path=path, record=record)
     request[EXCHANGE] = ex
     try:
         response = await _dispatch(request, handler, ex)
@@ -155,13 +170,9 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         return _fail(ex, err)
     except web.HTTPException as exc:
         return _fail(ex, _translate_http_exception(exc))
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):  # the client went away
         ex.record.outcome = "client_gone"
         ex.record.status = ex.record.status or 499  # nginx's "client closed request"
-        raise
-    except ConnectionResetError:
-        ex.record.outcome = "client_gone"
-        ex.record.status = ex.record.status or 499
         raise
     except Exception:
         log.exception("edge.internal_error", request_id=ex.id, path=ex.path)
@@ -268,7 +279,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 when requests can reach the model server now, else the error a request would get."""
     monitor = request.app[UPSTREAM]
-    if monitor.status.state.value == "unknown":
+    if monitor.status.state is State.UNKNOWN:
         await monitor.probe(request.app[SESSION])
     unready = monitor.unready()
     if unready is not None:

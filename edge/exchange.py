@@ -23,15 +23,18 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 @dataclass(slots=True)
 class Exchange:
-    id: str
     path: str  # the raw path, as the client wrote it
-    record: RequestRecord
+    record: RequestRecord  # carries the request id, `record.id`
     start: float = field(default_factory=time.perf_counter)
     route: Route | None = None
     headers_sent: bool = False
     upstream_s: float = 0.0  # seconds spent waiting on the upstream, for overhead_ms
     key: ApiKey | None = None  # the caller's API key once authenticated (edge.auth)
     rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.auth)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.start) * 1000.0

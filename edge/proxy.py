@@ -25,9 +25,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from edge import body_limits, ollama, relay
-from edge.body_limits import BodyLimits
 from edge.errors import (
-    AgentUnavailable,
     Forbidden,
     InvalidRequest,
     PayloadTooLarge,
@@ -38,8 +36,7 @@ from edge.errors import (
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.routes import Kind, Route
-from edge.settings import EdgeSettings
-from edge.state import GATE, MODELS, SESSION, SETTINGS, UPSTREAM
+from edge.state import BODY_LIMITS, GATE, MODELS, SESSION, SETTINGS, UPSTREAM
 from edge.upstream import State, UpstreamMonitor
 from shared import usage
 from shared.usage import Usage
@@ -65,7 +62,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         facts = ollama.sanitise(route, body, app[MODELS], settings.max_output_tokens)
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
-        body_limits.check(body, _body_limits(settings))
+        body_limits.check(body, app[BODY_LIMITS])
         if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         payload = orjson.dumps(body)
@@ -124,15 +121,6 @@ def _no_slot() -> None:
     """Release nothing: the route does not take a gate slot."""
 
 
-def _body_limits(settings: EdgeSettings) -> BodyLimits:
-    return BodyLimits(
-        max_prompt_chars=settings.max_prompt_chars,
-        max_prompt_words=settings.max_prompt_words,
-        max_messages=settings.max_messages,
-        max_images=settings.max_images,
-    )
-
-
 async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeout: float) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit")
@@ -162,10 +150,9 @@ def map_upstream_errors(monitor: UpstreamMonitor) -> Iterator[None]:
         yield
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         monitor.report(State.AGENT_ABSENT, f"connect failed: {exc}")
-        raise AgentUnavailable(
-            "the model server is offline: its workstation is not connected",
-            headers={"Retry-After": monitor.retry_after},
-        ) from exc
+        refusal = monitor.refusal()  # AgentUnavailable now, worded in one place
+        assert refusal is not None
+        raise refusal from exc
     except TimeoutError as exc:  # the read timeout, or the monitor woke us: tunnel is down
         refusal = monitor.refusal()
         if refusal is not None:
@@ -230,9 +217,10 @@ def _buffered(
         return _response(ex, status, content_type, body, {})
     extra: dict[str, str] = {}
     if route.kind is Kind.LIST:
-        body = orjson.dumps(ollama.filter_models(route, orjson.loads(body), _model_filter(app, ex)))
+        allows = _model_filter(app, ex)
+        body = orjson.dumps(ollama.filter_models(route, _upstream_json(body), allows))
     elif route.kind is Kind.SHOW:
-        body = orjson.dumps(ollama.filter_show(orjson.loads(body)))
+        body = orjson.dumps(ollama.filter_show(_upstream_json(body)))
     elif route.kind is Kind.GENERATE:
         figures = usage.from_body(body, openai=route.openai)
         _record_usage(ex, figures, ex.upstream_s)
@@ -245,6 +233,14 @@ def _buffered(
         _record_usage(ex, usage.from_body(body, openai=route.openai), ex.upstream_s)
         extra["X-Gen-Time"] = f"{ex.upstream_s:.3f}"
     return _response(ex, status, content_type, body, extra)
+
+
+def _upstream_json(body: bytes) -> Any:
+    """The upstream's JSON answer, which the edge must read to filter it."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable("the model server's answer is not JSON") from None
 
 
 def _model_filter(app: web.Application, ex: Exchange) -> Callable[[str], bool]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from edge.body_limits import BodyLimits
 from edge.exchange import ClientAddress
 from edge.gate import Gate
 from edge.ollama import ModelPolicy
@@ -21,4 +22,5 @@ TELEMETRY = web.AppKey("telemetry", TelemetryWriter)
 UPSTREAM = web.AppKey("upstream", UpstreamMonitor)
 GATE = web.AppKey("gate", Gate)
 MODELS = web.AppKey("models", ModelPolicy)
+BODY_LIMITS = web.AppKey("body_limits", BodyLimits)
 CLIENTS = web.AppKey("clients", ClientAddress)
