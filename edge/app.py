@@ -148,7 +148,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         finally:
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
-            await asyncio.to_thread(app[TELEMETRY].close)
+            await app[TELEMETRY].aclose()
 
 
 @web.middleware

@@ -98,8 +98,18 @@ class TelemetryWriter:
         return await asyncio.to_thread(self._wait_written)
 
     def close(self) -> None:
-        """Write what is queued, stop the thread and close the file."""
+        """Write what is queued, stop the thread and close the file (from the loop's thread,
+        or with no loop running)."""
         self._handoff()
+        self._stop()
+
+    async def aclose(self) -> None:
+        """`close()` without blocking the event loop: pending lines are handed over here, on
+        the loop's thread, so a hand-off never runs on two threads at once."""
+        self._handoff()
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
 

@@ -204,9 +204,10 @@ class UpstreamMonitor:
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Probe forever: every `probe_interval` while up, faster while down."""
         while True:
+            # Cleared before the probe, so a wake-up that arrives during it is not lost.
+            self._wake.clear()
             await self.probe(session)
             interval = self._probe_interval if self._state is State.UP else _DOWN_PROBE_INTERVAL_S
-            self._wake.clear()
             try:
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
