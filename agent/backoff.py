@@ -28,8 +28,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The delay before the next attempt after a transient failure; advances the sequence."""
-        # Bound the exponent: 2**64 is past any cap and keeps the float finite.
-        ceiling = min(self.cap, self.initial * 2.0 ** min(self.attempt, 64))
+        ceiling = self.bound()
         self.attempt += 1
         return self.rng() * ceiling
 
@@ -45,4 +44,5 @@ class Backoff:
 
     def bound(self) -> float:
         """The longest the next transient delay can be (what tests and docs reason with)."""
+        # Bound the exponent: 2**64 is past any cap and keeps the float finite.
         return min(self.cap, self.initial * 2.0 ** min(self.attempt, 64))
