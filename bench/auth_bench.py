@@ -14,7 +14,6 @@ shows the check's own cost without the noise of two processes sharing two cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import tempfile
@@ -22,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp.test_utils import make_mocked_request
 
 from bench import load, procs
@@ -39,44 +37,16 @@ _RPM = 10_000_000
 _TPM = 10_000_000_000
 
 
-async def w1(base_url: str, concurrency: int, total: int, headers: dict[str, str]) -> load.Result:
-    """`load.w1` with request headers (the key): `total` requests, `concurrency` at a time."""
-    body = load.generate_body(64, stream=False)
-    latencies: list[float] = []
-    errors = 0
-    remaining = total
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-
-        async def worker() -> None:
-            nonlocal remaining, errors
-            while remaining > 0:
-                remaining -= 1
-                start = time.perf_counter()
-                async with session.post(f"{base_url}/api/generate", json=body) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                latencies.append((time.perf_counter() - start) * 1000.0)
-
-        start = time.perf_counter()
-        async with asyncio.timeout(load.RUN_DEADLINE_S), asyncio.TaskGroup() as group:
-            for _ in range(concurrency):
-                group.create_task(worker())
-        seconds = time.perf_counter() - start
-    return load.Result(len(latencies), errors, seconds, latencies)
-
-
 def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
     """Alternate open and keyed runs; the added cost is the median of the rounds' differences
     (paired, so a slow moment of the shared machine hits both sides of one difference)."""
     auth = {"Authorization": f"Bearer {key}"} if key else {}
-    load.run(w1(off, concurrency, 200, {}))  # warm-up: connections, caches
-    load.run(w1(on, concurrency, 200, auth))
+    load.run(load.w1(off, concurrency, 200))  # warm-up: connections, caches
+    load.run(load.w1(on, concurrency, 200, headers=auth))
     pairs = []
     for _ in range(rounds):
-        o = load.run(w1(off, concurrency, total, {}))
-        k = load.run(w1(on, concurrency, total, auth))
+        o = load.run(load.w1(off, concurrency, total))
+        k = load.run(load.w1(on, concurrency, total, headers=auth))
         if o.errors or k.errors:
             raise RuntimeError(f"failed requests: open {o.errors}, keyed {k.errors}")
         pairs.append((o, k))
@@ -114,7 +84,6 @@ def in_process(calls: int = 100_000) -> dict[str, Any]:
     start = time.perf_counter()
     for _ in range(calls):
         ex = Exchange(
-            id="b",
             path="/api/generate",
             record=RequestRecord(id="b", method="POST", route="/api/generate", client="1.2.3.4"),
         )

@@ -62,14 +62,21 @@ def generate_body(tokens: int, stream: bool) -> dict[str, object]:
     }
 
 
-async def w1(base_url: str, concurrency: int, total: int, tokens: int = 64) -> Result:
-    """`total` non-streamed /api/generate requests, `concurrency` at a time."""
+async def w1(
+    base_url: str,
+    concurrency: int,
+    total: int,
+    tokens: int = 64,
+    headers: dict[str, str] | None = None,
+) -> Result:
+    """`total` non-streamed /api/generate requests, `concurrency` at a time, each with
+    `headers` (an API key, say)."""
     body = generate_body(tokens, stream=False)
     latencies: list[float] = []
     errors = 0
     remaining = total
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
         async def worker() -> None:
             nonlocal remaining, errors
