@@ -101,6 +101,8 @@ TRANSIENT: tuple[tuple[type[BaseException], type[TunnelTransient]], ...] = (
     (asyncssh.Error, ConnectionDropped),
     (OSError, ConnectFailed),  # refused, unreachable, TimeoutError (connect_timeout)
 )
+# Every exception `classify` knows, for an `except` around code whose failures it translates.
+TRANSLATED: tuple[type[BaseException], ...] = tuple(source for source, _ in PERMANENT + TRANSIENT)
 
 
 def classify(exc: BaseException, fixes: dict[type[TunnelError], str]) -> TunnelError:

@@ -50,7 +50,7 @@ import structlog
 from agent import ssh
 from agent.backoff import Backoff
 from agent.errors import (
-    REPLACED_REASON,
+    TRANSLATED,
     AuthRefused,
     ConnectionDropped,
     ForwardMisconfigured,
@@ -64,14 +64,11 @@ from agent.errors import (
 )
 from agent.settings import AgentSettings
 from agent.status import StatusBoard
-from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
 Sleep = Callable[[float], Awaitable[None]]
 
-# The exceptions `classify` knows; anything else is a bug and reaches the task group.
-_TRANSLATED = (OSError, asyncssh.Error, asyncssh.ChannelListenError, ConfigError)
 # Seconds to wait for a closed connection's goodbye before moving on (SIGTERM must exit in 1 s).
 _CLOSE_TIMEOUT_S = 0.5
 # Seconds allowed for the one-command session that turns on TCP_NODELAY in OpenSSH.
@@ -179,7 +176,7 @@ class Tunnel:
             conn, owner = await asyncssh.create_connection(
                 _Client, s.ssh_host, s.ssh_port, options=options
             )
-        except _TRANSLATED as exc:
+        except TRANSLATED as exc:  # anything else is a bug and reaches the task group
             raise classify(exc, self._fixes) from exc
         client = cast(_Client, owner)
         self._conn = conn
@@ -192,10 +189,10 @@ class Tunnel:
             await conn.wait_closed()
             up = False
             self._mark_down(self._closed_by_us or describe(client.lost))
-            if isinstance(client.lost, asyncssh.DisconnectError) and (
-                REPLACED_REASON in client.lost.reason
-            ):
-                raise classify(client.lost, self._fixes) from client.lost
+            if isinstance(client.lost, asyncssh.DisconnectError):
+                ended = classify(client.lost, self._fixes)
+                if isinstance(ended, Replaced):  # the only end the loop treats specially
+                    raise ended from client.lost
         finally:
             self._conn, self._closed_by_us = None, None
             conn.close()
@@ -225,7 +222,7 @@ class Tunnel:
                 f"the VPS refused to listen on {s.remote_bind} on the first connect",
                 self._fixes[ForwardMisconfigured],
             ) from exc
-        except (OSError, asyncssh.Error) as exc:
+        except TRANSLATED as exc:
             raise classify(exc, self._fixes) from exc
 
     async def _nudge_nodelay(self, conn: asyncssh.SSHClientConnection) -> None:
