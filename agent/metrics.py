@@ -14,7 +14,7 @@ is cancelled, as one task in the agent's task group.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 from aiohttp import hdrs, web
@@ -34,9 +34,6 @@ class _StatusCollector(Collector):
     def __init__(self, board: StatusBoard) -> None:
         self._board = board
 
-    def describe(self) -> Iterable[Metric]:
-        return ()
-
     def collect(self) -> Iterator[Metric]:
         s = self._board.status
         yield GaugeMetricFamily(
@@ -44,9 +41,11 @@ class _StatusCollector(Collector):
             "1 while the SSH connection and its reverse forward are up.",
             value=int(s.connected),
         )
-        yield _counter("backhaul_agent_connects", "Successful connections since start.", s.connects)
-        yield _counter(
-            "backhaul_agent_reconnects", "Connections after the first one.", s.reconnects
+        yield CounterMetricFamily(
+            "backhaul_agent_connects", "Successful connections since start.", value=s.connects
+        )
+        yield CounterMetricFamily(
+            "backhaul_agent_reconnects", "Connections after the first one.", value=s.reconnects
         )
         yield GaugeMetricFamily(
             "backhaul_agent_start_time_seconds", "Unix time the agent started.", value=s.started
@@ -96,13 +95,9 @@ class _StatusCollector(Collector):
             yield warm
 
 
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, documentation, value=value)
-
-
 def create_metrics_app(board: StatusBoard) -> web.Application:
     """An app answering `GET /metrics` from `board`."""
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry()
     registry.register(_StatusCollector(board))
 
     async def metrics(request: web.Request) -> web.Response:
