@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import re
 import sys
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,11 @@ import orjson
 
 from edge.keys import ApiKey, KeysFile, digest, new_secret, read_keys_file, write_keys_file
 from edge.settings import EdgeSettings
+from edge.stats import time_arg
 from shared.errors import ConfigError
 
-_RELATIVE = re.compile(r"(\d+)([hdw])")
-_UNIT_SECONDS = {"h": 3600, "d": 86400, "w": 7 * 86400}
+# Hours, days and weeks: `m` is left out, since in an expiry it reads as months as well as minutes.
+_EXPIRY_UNITS = "hdw"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--rpm", type=_positive, help="requests per minute")
     add.add_argument("--tpm", type=_positive, help="tokens (prompt + generated) per minute")
     add.add_argument("--max-concurrency", type=_positive, help="requests in flight at once")
-    add.add_argument("--expires", type=_expiry, help="30d, 12h, 2w, a date or an ISO time")
+    add.add_argument(
+        "--expires",
+        type=time_arg(ago=False, units=_EXPIRY_UNITS),
+        help="30d, 12h, 2w, a date or an ISO time",
+    )
     add.set_defaults(func=run_add)
 
     listing = sub.add_parser("list", help="show the keys (never their secrets)")
@@ -63,25 +67,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
-
-
-def parse_expiry(text: str, now: datetime) -> datetime:
-    """`12h`, `30d`, `2w` after `now`; a date (midnight UTC); or an ISO 8601 time (UTC if naive)."""
-    text = text.strip()
-    if match := _RELATIVE.fullmatch(text):
-        return now + timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
-    if len(text) == 10:
-        day = date.fromisoformat(text)
-        return datetime(day.year, day.month, day.day, tzinfo=UTC)
-    when = datetime.fromisoformat(text)
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _expiry(text: str) -> datetime:
-    try:
-        return parse_expiry(text, datetime.now(UTC))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration, date or ISO time: {text!r}") from None
 
 
 def _keys_path(args: argparse.Namespace) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--since",
-        type=_since_arg,
+        type=time_arg(ago=True),
         help="only records from then on: 30m, 1h, 2d, 1w ago, a date (UTC) or an ISO time",
     )
     parser.add_argument("--by", choices=GROUP_FIELDS, help="one table per value of this field")
@@ -82,9 +83,20 @@ def parse_since(text: str, now: datetime) -> datetime:
 
     A time without an offset is taken as UTC, like `ts`. Raises `ValueError` on anything else.
     """
+    return parse_time(text, now, ago=True)
+
+
+def parse_time(text: str, now: datetime, *, ago: bool, units: str = "smhdw") -> datetime:
+    """A time given on a command line (`stats --since`, `keys add --expires`).
+
+    `<n><unit>` for a unit in `units` (s, m, h, d, w) is that long before `now` when `ago`, else
+    after it; `2026-11-20` is midnight UTC; anything else is an ISO 8601 time, UTC when it has no
+    offset. Raises `ValueError` on anything else.
+    """
     text = text.strip()
-    if match := _RELATIVE.fullmatch(text):
-        return now - timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+    if (match := _RELATIVE.fullmatch(text)) and match[2] in units:
+        delta = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
+        return now - delta if ago else now + delta
     if len(text) == 10:
         day = date.fromisoformat(text)
         return datetime(day.year, day.month, day.day, tzinfo=UTC)
@@ -92,11 +104,17 @@ def parse_since(text: str, now: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
-def _since_arg(text: str) -> datetime:
-    try:
-        return parse_since(text, datetime.now(UTC))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration, date or ISO time: {text!r}") from None
+def time_arg(*, ago: bool, units: str = "smhdw") -> Callable[[str], datetime]:
+    """An argparse `type=` for `parse_time`, relative to when the command line is parsed."""
+
+    def parse(text: str) -> datetime:
+        try:
+            return parse_time(text, datetime.now(UTC), ago=ago, units=units)
+        except ValueError:
+            message = f"not a duration, date or ISO time: {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
+
+    return parse
 
 
 def render_text(summary: Summary) -> str:

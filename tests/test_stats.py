@@ -16,7 +16,7 @@ import pytest
 
 from edge.__main__ import main
 from edge.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
-from edge.stats import parse_since
+from edge.stats import parse_since, parse_time
 from shared.telemetry import RequestRecord
 
 BASE = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -227,6 +227,15 @@ def test_since_relative_to_now_and_old_rotated_files_skipped(tmp_path, capsys):
 )
 def test_parse_since(text, expected):
     assert parse_since(text, now=BASE) == expected
+
+
+def test_parse_time_forwards_with_fewer_units():
+    # `keys add --expires`: after now, and without `s` or `m` (months or minutes?).
+    assert parse_time("30d", BASE, ago=False, units="hdw") == BASE + timedelta(days=30)
+    midnight = datetime(2026, 12, 1, tzinfo=UTC)
+    assert parse_time("2026-12-01", BASE, ago=False, units="hdw") == midnight
+    with pytest.raises(ValueError, match="Invalid isoformat"):
+        parse_time("30m", BASE, ago=False, units="hdw")
 
 
 def test_bad_since_is_a_usage_error(tmp_path, capsys):
