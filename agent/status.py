@@ -25,6 +25,9 @@ from typing import Any
 import orjson
 import structlog
 
+from agent.settings import AgentSettings
+from shared.errors import ConfigError
+
 log = structlog.get_logger(__name__)
 
 STATUS_FILE = "status.json"
@@ -154,10 +157,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     state_dir: Path | None = args.state_dir
-    if state_dir is None:
-        from agent.settings import AgentSettings  # only when needed: --state-dir skips config
-        from shared.errors import ConfigError
-
+    if state_dir is None:  # --state-dir skips reading the settings
         try:
             state_dir = AgentSettings.load(args.config).state_dir
         except ConfigError as exc:
