@@ -128,38 +128,36 @@ def openai_chunk(
     chat: bool, ident: str, created: int, model: str, text: str, finish: str | None
 ) -> dict[str, Any]:
     """A `chat.completion.chunk`, or for `/v1/completions` a streamed `text_completion`."""
-    choice: dict[str, Any] = (
-        {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}
-        if chat
-        else {"text": text, "index": 0, "finish_reason": finish}
-    )
-    return {
-        "id": ident,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [choice],
-    }
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return _openai_object(kind, ident, created, model, _choice(chat, "delta", text, finish))
 
 
 def openai_whole(
     chat: bool, ident: str, created: int, model: str, text: str, finish: str, usage: dict[str, int]
 ) -> dict[str, Any]:
     """A non-streamed `chat.completion` or `text_completion`, with `usage`."""
-    choice: dict[str, Any] = (
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        if chat
-        else {"text": text, "index": 0, "finish_reason": finish}
-    )
+    kind = "chat.completion" if chat else "text_completion"
+    choice = _choice(chat, "message", text, finish)
+    return {**_openai_object(kind, ident, created, model, choice), "usage": usage}
+
+
+def _choice(chat: bool, field: str, text: str, finish: str | None) -> dict[str, Any]:
+    # A chat choice carries the text as a `delta` (streamed) or a `message`; a completion's is flat.
+    if chat:
+        return {"index": 0, field: {"role": "assistant", "content": text}, "finish_reason": finish}
+    return {"text": text, "index": 0, "finish_reason": finish}
+
+
+def _openai_object(
+    kind: str, ident: str, created: int, model: str, choice: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "id": ident,
-        "object": "chat.completion" if chat else "text_completion",
+        "object": kind,
         "created": created,
         "model": model,
         "system_fingerprint": "fp_ollama",
         "choices": [choice],
-        "usage": usage,
     }
 
 
