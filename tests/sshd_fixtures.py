@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from agent.keygen import authorized_keys_line, generate
 from agent.settings import AgentSettings
 from agent.tunnel import Tunnel
 from edge.settings import EdgeSettings
@@ -44,12 +44,8 @@ def requires_sshd() -> pytest.MarkDecorator:
 
 
 def make_key(path: Path, comment: str = "test") -> asyncssh.SSHKey:
-    """An ed25519 key pair at `path` (0600) and `path.pub`."""
-    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    path.write_bytes(key.export_private_key("openssh"))
-    path.chmod(0o600)
-    Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
-    return key
+    """An ed25519 key pair at `path` (0600) and `path.pub`, as `backhaul-agent keygen` makes it."""
+    return generate(path, comment)
 
 
 def public_line(key: asyncssh.SSHKey) -> str:
@@ -94,7 +90,6 @@ class EmbeddedVPS:
     server: EmbeddedSSHServer
     settings: EdgeSettings
     presence: list[bool | None] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def port(self) -> int:
@@ -102,12 +97,9 @@ class EmbeddedVPS:
 
     def record(self, present: bool | None) -> None:
         self.presence.append(present)
-        self.changed.set()
 
     async def wait_present(self, present: bool) -> None:
-        while not (self.presence and self.presence[-1] is present):
-            self.changed.clear()
-            await self.changed.wait()
+        await self.server.wait_present(present)
 
     def abort_all(self) -> None:
         """What a crash looks like to the agent: every connection dropped at once."""
@@ -248,10 +240,9 @@ class OpenSSHServer:
         if not self.host_key_path.exists():
             make_key(self.host_key_path, "sshd-test")
         self.host_public_key = Path(f"{self.host_key_path}.pub").read_text().strip()
-        options = (
-            f'restrict,port-forwarding,permitlisten="127.0.0.1:{bind_port}",command="/bin/false"'
-        )
-        (self.dir / "authorized_keys").write_text(f"{options} {public_line(agent_key)}\n")
+        # The very line `backhaul-agent keygen` prints for system-sshd mode.
+        line = authorized_keys_line(public_line(agent_key), f"127.0.0.1:{bind_port}")
+        (self.dir / "authorized_keys").write_text(f"{line}\n")
         self.config = self.dir / "sshd_config"
         self.config.write_text(
             f"""\
@@ -372,7 +363,3 @@ def sshd_version() -> tuple[int, int]:
     version = out.split("OpenSSH_", 1)[1].split()[0] if "OpenSSH_" in out else "0.0"
     major, _, minor = version.partition(".")
     return int(major), int("".join(c for c in minor if c.isdigit())[:1] or 0)
-
-
-def which(name: str) -> str | None:
-    return shutil.which(name)
