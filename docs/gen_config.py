@@ -102,7 +102,6 @@ def _source_groups(klass: type) -> Iterator[Group]:
         if tail and not above:
             # A trailing comment explains its own line only.
             yield Group(tail, [name])
-            current = Group("", []) if not current.fields else current
         else:
             current.fields.append(name)
             if len(current.fields) == 1:
