@@ -166,9 +166,9 @@ def default_text(info: FieldInfo) -> str:
 
 def flags_of(register: Callable[[Any], None], command: str) -> dict[str, str]:
     """Field name -> its command-line flag, from the command's own parser."""
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    sub = parser._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    commands = argparse.ArgumentParser().add_subparsers()
+    register(commands)
+    sub = commands.choices[command]
     return {
         action.dest: action.option_strings[-1]
         for action in sub._actions
