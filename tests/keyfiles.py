@@ -23,6 +23,17 @@ def write_keys(path: Path, **keys: dict[str, Any]) -> dict[str, str]:
     return secrets
 
 
+def keyed(tmp_path: Path, **settings: Any) -> dict[str, Any]:
+    """Edge settings for `auth = "keys"` with the keys file in `tmp_path`, reloaded every 50 ms
+    so that a test sees an edit at once; `settings` add to them."""
+    return {
+        "auth": "keys",
+        "keys_path": tmp_path / "keys.json",
+        "keys_reload_interval": 0.05,
+        **settings,
+    }
+
+
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 

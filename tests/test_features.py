@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.keyfiles import assert_no_secret, bearer, captured_logs, write_keys
+from tests.keyfiles import assert_no_secret, bearer, captured_logs, keyed, write_keys
 from tests.servers import edge, serving, simulator
 
 ORIGIN = "https://blog.example"
@@ -66,10 +66,6 @@ async def json_model(content: str) -> AsyncIterator[tuple[str, list[Any]]]:
         yield url, seen
 
 
-def settings(tmp_path: Path, **features: dict[str, Any]) -> dict[str, Any]:
-    return {"auth": "keys", "keys_path": tmp_path / "keys.json", "features": features}
-
-
 async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
     tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ):
@@ -78,7 +74,7 @@ async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
     with captured_logs() as logs:
         async with (
             json_model(answer) as (url, seen),
-            edge(url, tmp_path, **settings(tmp_path, scatter=SCATTER)) as e,
+            edge(url, tmp_path, **keyed(tmp_path, features={"scatter": SCATTER})) as e,
         ):
             preflight = {
                 "Origin": ORIGIN,
@@ -143,7 +139,7 @@ async def test_an_answer_that_breaks_the_schema_is_502(
     with captured_logs() as logs:
         async with (
             json_model(content) as (url, _),
-            edge(url, tmp_path, **settings(tmp_path, scatter=SCATTER)) as e,
+            edge(url, tmp_path, **keyed(tmp_path, features={"scatter": SCATTER})) as e,
         ):
             headers = {"Origin": ORIGIN, "X-Request-Id": "bad"}
             async with http.post(
@@ -170,7 +166,7 @@ async def test_keyed_feature_streams_and_checks_the_keys_models(
     with captured_logs() as logs:
         async with (
             simulator(reply_tokens=20) as sim,
-            edge(sim.url, tmp_path, **settings(tmp_path, **features)) as e,
+            edge(sim.url, tmp_path, **keyed(tmp_path, features=features)) as e,
         ):
             url = f"{e.url}/features/summary"
             async with http.post(url, json={"input": "text"}) as r:
@@ -210,7 +206,7 @@ async def test_feature_input_is_checked_before_anything_is_sent(
     features = {"tiny": {"model": "llama3.2:1b", "anonymous": True, "max_input_chars": 10}}
     async with (
         simulator() as sim,
-        edge(sim.url, tmp_path, **settings(tmp_path, **features), anonymous_rpm=100) as e,
+        edge(sim.url, tmp_path, **keyed(tmp_path, features=features), anonymous_rpm=100) as e,
     ):
         url = f"{e.url}/features/tiny"
         cases = [

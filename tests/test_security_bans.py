@@ -12,14 +12,18 @@ import pytest
 
 from edge.auth import GUARD
 from edge.bans import BanList
-from tests.keyfiles import Clock, assert_no_secret, bearer, captured_logs, reached, write_keys
+from tests.keyfiles import (
+    Clock,
+    assert_no_secret,
+    bearer,
+    captured_logs,
+    keyed,
+    reached,
+    write_keys,
+)
 from tests.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "why", "stream": False}
-
-
-def keyed(tmp_path: Path, **settings):
-    return {"auth": "keys", "keys_path": tmp_path / "keys.json", **settings}
 
 
 async def test_brute_force_is_banned_and_the_ban_survives_a_restart(

@@ -15,21 +15,12 @@ import pytest
 from edge.__main__ import main as edge_main
 from edge.auth import GUARD
 from edge.keys import read_keys_file
-from tests.keyfiles import assert_no_secret, bearer, captured_logs, past, reached, write_keys
+from tests.keyfiles import assert_no_secret, bearer, captured_logs, keyed, past, reached, write_keys
 from tests.servers import edge, simulator
 
 MODEL = "llama3.2:1b"
 GEN = {"model": MODEL, "prompt": "why", "stream": False}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-
-
-def keyed(tmp_path: Path, **settings):
-    return {
-        "auth": "keys",
-        "keys_path": tmp_path / "keys.json",
-        "keys_reload_interval": 0.05,
-        **settings,
-    }
 
 
 async def test_missing_wrong_revoked_expired_keys_are_401_in_the_routes_shape(

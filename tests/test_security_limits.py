@@ -10,14 +10,10 @@ import pytest
 
 from edge.auth import GUARD
 from edge.limits import Buckets
-from tests.keyfiles import Clock, assert_no_secret, bearer, captured_logs, write_keys
+from tests.keyfiles import Clock, assert_no_secret, bearer, captured_logs, keyed, write_keys
 from tests.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
-
-
-def keyed(tmp_path: Path, **settings):
-    return {"auth": "keys", "keys_path": tmp_path / "keys.json", **settings}
 
 
 def frozen_clock(e) -> Clock:
