@@ -9,13 +9,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from edge.metrics import METRICS, OTHER, may_scrape
 from edge.state import GATE, SESSION, UPSTREAM
 from shared.telemetry import RequestRecord
+from tests.keyfiles import captured_logs
 from tests.servers import edge, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,13 +225,15 @@ async def test_labels_stay_bounded(tmp_path: Path):
         assert metrics.model_label(rec(model="qwen2.5:0.5b", status=200)) == OTHER
 
 
-async def test_observe_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+async def test_observe_never_raises(tmp_path: Path):
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
         metrics = e.app[METRICS]
         broken = RequestRecord(id="x", method="POST", route="/api/generate", status=200)
         broken.tokens = -1  # a counter refuses to go down: prometheus-client raises
-        metrics.observe(broken)
-        metrics.observe(broken)  # logged once, skipped both times
+        with captured_logs() as logs:
+            metrics.observe(broken)
+            metrics.observe(broken)  # logged once, skipped both times
+        assert [x["event"] for x in logs] == ["metrics.observe_failed"]
         ok = RequestRecord(id="y", method="GET", route="/healthz", status=200)
         metrics.observe(ok)
         count = metrics.requests.labels("/healthz", "200", "", "")._value.get()
