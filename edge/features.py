@@ -174,7 +174,7 @@ def _answer(ex: Exchange, feature: Feature, response: web.Response) -> web.Respo
     try:
         content = orjson.loads(response.body)["message"]["content"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
-        raise InvalidModelOutput("the model server's answer has no message") from None
+        content = None
     if not isinstance(content, str):
         raise InvalidModelOutput("the model server's answer has no message")
     output: Any = content
