@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -81,31 +82,30 @@ def _locked(path: Path) -> Iterator[KeysFile]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield read_keys_file(path) if path.exists() else KeysFile()
+        yield _read(path)
 
 
+def _read(path: Path) -> KeysFile:
+    """The keys file at `path`; none yet is no keys."""
+    return read_keys_file(path) if path.exists() else KeysFile()
+
+
+def _guarded(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`action`, with a bad keys file or a bad value reported on stderr as exit status 2."""
+
+    @functools.wraps(action)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except (ConfigError, ValueError) as exc:
+            print(f"backhaul-edge keys: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_guarded
 def run_add(args: argparse.Namespace) -> int:
-    return _guarded(_add, args)
-
-
-def run_list(args: argparse.Namespace) -> int:
-    return _guarded(_list, args)
-
-
-def run_revoke(args: argparse.Namespace) -> int:
-    return _guarded(_revoke, args)
-
-
-def _guarded(action: Any, args: argparse.Namespace) -> int:
-    try:
-        status: int = action(args)
-    except (ConfigError, ValueError) as exc:
-        print(f"backhaul-edge keys: {exc}", file=sys.stderr)
-        return 2
-    return status
-
-
-def _add(args: argparse.Namespace) -> int:
     path = _keys_path(args)
     secret = new_secret()
     key = ApiKey(
@@ -132,9 +132,10 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
+@_guarded
+def run_list(args: argparse.Namespace) -> int:
     path = _keys_path(args)
-    keys = read_keys_file(path) if path.exists() else KeysFile()
+    keys = _read(path)
     now = datetime.now(UTC).timestamp()
     if args.json:
         rows = [_row(k, now) for k in keys.keys]
@@ -161,7 +162,8 @@ def _row(key: ApiKey, now: float) -> dict[str, Any]:
     return row
 
 
-def _revoke(args: argparse.Namespace) -> int:
+@_guarded
+def run_revoke(args: argparse.Namespace) -> int:
     path = _keys_path(args)
     with _locked(path) as keys:
         names = [k.name for k in keys.keys]
