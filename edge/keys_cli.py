@@ -91,13 +91,14 @@ def _read(path: Path) -> KeysFile:
 
 
 def _guarded(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """`action`, with a bad keys file or a bad value reported on stderr as exit status 2."""
+    """`action`, with a bad keys file, a bad value or a file it cannot write reported on
+    stderr as exit status 2, not a traceback."""
 
     @functools.wraps(action)
     def run(args: argparse.Namespace) -> int:
         try:
             return action(args)
-        except (ConfigError, ValueError) as exc:
+        except (ConfigError, ValueError, OSError) as exc:
             print(f"backhaul-edge keys: {exc}", file=sys.stderr)
             return 2
 

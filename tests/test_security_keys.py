@@ -293,3 +293,9 @@ def test_keys_cli_add_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert [k.name for k in stored.keys] == ["site-a", "batch"]
     assert secret not in Path(path).read_text()
     assert (Path(path).stat().st_mode & 0o777) == 0o600
+    # A keys file that cannot be written is a message and status 2, not a traceback.
+    blocked = tmp_path / "a-file"
+    blocked.touch()
+    assert edge_main(["keys", "--keys-path", str(blocked / "keys.json"), "add", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("backhaul-edge keys: ") and str(blocked) in err
