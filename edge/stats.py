@@ -62,9 +62,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = expand_paths(args.files or [DEFAULT_PATH])
+    given = args.files or [DEFAULT_PATH]
+    paths = expand_paths(given)
     if not paths:
-        names = ", ".join(str(p) for p in args.files or [DEFAULT_PATH])
+        names = ", ".join(str(p) for p in given)
         print(f"backhaul-edge stats: no log found at {names}", file=sys.stderr)
         return 1
     summary = summarise(paths, since=args.since, by=args.by)
