@@ -8,6 +8,8 @@
 - `HalfOpenRelay`: a TCP relay whose `blackhole()` keeps every socket open and drops the bytes,
   like a NAT that forgot the flow (frp's `halfopen.go`).
 - `running_tunnel()`: the agent's `Tunnel` in a task group for the length of a block.
+- `edge_with_sshd()`: the real edge with its embedded SSH server on; `generate_via()`: one
+  request to the forward's VPS end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncssh
 import pytest
 
@@ -31,9 +34,10 @@ from agent.settings import AgentSettings
 from agent.tunnel import Tunnel
 from edge.settings import EdgeSettings
 from edge.sshd import EmbeddedSSHServer
-from tests.servers import free_port
+from tests.servers import Edge, edge, free_port
 
 SSHD = Path("/usr/sbin/sshd")
+GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
 
 def requires_sshd() -> pytest.MarkDecorator:
@@ -52,6 +56,13 @@ def public_line(key: asyncssh.SSHKey) -> str:
     return key.export_public_key("openssh").decode().strip()
 
 
+def authorize_agent(tmp_path: Path) -> asyncssh.SSHKey:
+    """Make the agent's key (`tmp_path/agent_key`) and list it in the edge's `agent_keys`."""
+    key = make_key(tmp_path / "agent_key")
+    (tmp_path / "agent_keys").write_text(public_line(key))
+    return key
+
+
 def pin(path: Path, port: int, host_public_key: str) -> Path:
     """Write a known_hosts file pinning `host_public_key` for 127.0.0.1:`port`."""
     path.write_text(f"[127.0.0.1]:{port} {host_public_key}\n")
@@ -59,9 +70,20 @@ def pin(path: Path, port: int, host_public_key: str) -> Path:
 
 
 def agent_settings(
-    tmp_path: Path, ssh_port: int, remote_bind: str, upstream: str, **overrides: Any
+    tmp_path: Path,
+    ssh_port: int,
+    remote_bind: str,
+    upstream: str,
+    *,
+    pinned: str | None = None,
+    **overrides: Any,
 ) -> AgentSettings:
-    """Agent settings for a test: fast backoff and keepalives, files in `tmp_path`."""
+    """Agent settings for a test: fast backoff and keepalives, files in `tmp_path`.
+
+    `pinned`: a host public key to write to `known_hosts` for 127.0.0.1:`ssh_port`.
+    """
+    if pinned is not None:
+        pin(tmp_path / "known_hosts", ssh_port, pinned)
     values: dict[str, Any] = {
         "ssh_host": "127.0.0.1",
         "ssh_port": ssh_port,
@@ -131,15 +153,65 @@ async def embedded_server(
 
 
 @asynccontextmanager
-async def running_tunnel(settings: AgentSettings, **kwargs: Any) -> AsyncIterator[Tunnel]:
-    """Run `Tunnel(settings).run_tunnel()` for the block; cancelled (SIGTERM path) at the end."""
+async def running_tunnel(
+    settings: AgentSettings, *, up_within: float | None = None, **kwargs: Any
+) -> AsyncIterator[Tunnel]:
+    """Run `Tunnel(settings).run_tunnel()` for the block; cancelled (SIGTERM path) at the end.
+
+    With `up_within`, the block starts once the forward is up, and fails after that many seconds.
+    """
     tunnel = Tunnel(settings, **kwargs)
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(tunnel.run_tunnel())
         try:
+            if up_within is not None:
+                async with asyncio.timeout(up_within):
+                    await tunnel.wait_up()
             yield tunnel
         finally:
             task.cancel()
+
+
+@asynccontextmanager
+async def edge_with_sshd(bind: int, tmp_path: Path, **settings: Any) -> AsyncIterator[Edge]:
+    """The real edge proxying to 127.0.0.1:`bind`, its SSH server on (host key, agent_keys in
+    `tmp_path`); the server is `e.app[SSH_SERVER]`."""
+    async with edge(
+        f"http://127.0.0.1:{bind}",
+        tmp_path,
+        ssh_port=free_port(),
+        ssh_host_key=tmp_path / "ssh_host_ed25519_key",
+        agent_keys=tmp_path / "agent_keys",
+        **settings,
+    ) as e:
+        yield e
+
+
+@asynccontextmanager
+async def ssh_connect(
+    port: int, host_public_key: str, key: asyncssh.SSHKey, username: str
+) -> AsyncIterator[asyncssh.SSHClientConnection]:
+    """A plain asyncssh client on 127.0.0.1:`port`, pinned, offering only `key`."""
+    async with asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username=username,
+        client_keys=[key],
+        known_hosts=([asyncssh.import_public_key(host_public_key)], [], []),
+        config=[],
+        agent_path=None,
+    ) as conn:
+        yield conn
+
+
+async def generate_via(port: int) -> aiohttp.ClientResponse:
+    """POST `GEN` to 127.0.0.1:`port` (the forward's VPS end): the response, its body read."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{port}/api/generate", json=GEN) as r,
+    ):
+        await r.read()
+    return r
 
 
 class HalfOpenRelay:

@@ -11,14 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.metrics import metrics_server
 from agent.status import StatusBoard
 from tests.servers import free_port
-from tests.sshd_fixtures import (
-    agent_settings,
-    embedded_server,
-    make_key,
-    pin,
-    public_line,
-    running_tunnel,
-)
+from tests.sshd_fixtures import agent_settings, authorize_agent, embedded_server, running_tunnel
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -55,17 +48,20 @@ async def test_status_before_any_connection(tmp_path: Path):
 
 async def test_connects_and_drops_of_a_real_tunnel(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
-        settings = agent_settings(tmp_path, vps.port, f"127.0.0.1:{bind}", "http://127.0.0.1:9")
+        settings = agent_settings(
+            tmp_path,
+            vps.port,
+            f"127.0.0.1:{bind}",
+            "http://127.0.0.1:9",
+            pinned=vps.server.host_public_key,
+        )
         board = StatusBoard(tmp_path / "status.json")
         async with (
             metrics_server(board, 0) as port,
-            running_tunnel(settings, board=board) as tunnel,
+            running_tunnel(settings, board=board, up_within=5) as tunnel,
         ):
-            async with asyncio.timeout(5):
-                await tunnel.wait_up()
             m = await scrape(port)
             assert m[("backhaul_agent_connected", frozenset())] == 1
             assert m[("backhaul_agent_connects_total", frozenset())] == 1

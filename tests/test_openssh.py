@@ -20,19 +20,20 @@ from agent.simulator import running_simulator
 from edge.state import SESSION, UPSTREAM
 from tests.servers import edge, free_port
 from tests.sshd_fixtures import (
+    GEN,
     HalfOpenRelay,
     OpenSSHServer,
     agent_settings,
+    generate_via,
     make_key,
-    pin,
     requires_sshd,
     running_tunnel,
+    ssh_connect,
     sshd_version,
 )
 
 pytestmark = [pytest.mark.sshd, requires_sshd()]
 
-GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 SLACK_S = 1.0
 
 
@@ -47,11 +48,10 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
         aiohttp.ClientSession() as http,
     ):
         app, url = e.app, e.url
-        pin(tmp_path / "known_hosts", sshd.port, sshd.host_public_key)
-        agent = agent_settings(tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url)
-        async with running_tunnel(agent) as tunnel:
-            async with asyncio.timeout(10):
-                await tunnel.wait_up()
+        agent = agent_settings(
+            tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url, pinned=sshd.host_public_key
+        )
+        async with running_tunnel(agent, up_within=10) as tunnel:
             assert app[UPSTREAM].status.agent_present is None
             assert tunnel.cipher == "aes128-gcm@openssh.com"
             assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
@@ -110,13 +110,15 @@ async def test_no_nagle_stall_with_the_session_nudge(tmp_path: Path, open_sessio
     bind = free_port()
     key = make_key(tmp_path / "agent_key")
     async with OpenSSHServer(tmp_path / "sshd", bind, key) as sshd, running_simulator() as sim:
-        pin(tmp_path / "known_hosts", sshd.port, sshd.host_public_key)
         agent = agent_settings(
-            tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url, open_session=open_session
+            tmp_path,
+            sshd.port,
+            f"127.0.0.1:{bind}",
+            sim.url,
+            pinned=sshd.host_public_key,
+            open_session=open_session,
         )
-        async with running_tunnel(agent) as tunnel:
-            async with asyncio.timeout(10):
-                await tunnel.wait_up()
+        async with running_tunnel(agent, up_within=10):
             times = await _round_trips(bind, 40)
     # The stall hits every request (it is ~40 ms at the median), so the median tells the two
     # cases apart without being at the mercy of a busy CI machine's tail.
@@ -136,11 +138,10 @@ async def test_session_killed_or_sshd_restarted_back_up_within_the_backoff_bound
         sshd = OpenSSHServer(tmp_path / "sshd", bind, key)
         await sshd.start()
         try:
-            pin(tmp_path / "known_hosts", sshd.port, sshd.host_public_key)
-            agent = agent_settings(tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url)
-            async with running_tunnel(agent) as tunnel:
-                async with asyncio.timeout(10):
-                    await tunnel.wait_up()
+            agent = agent_settings(
+                tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url, pinned=sshd.host_public_key
+            )
+            async with running_tunnel(agent, up_within=10) as tunnel:
                 sshd.kill_sessions()  # the session process dies: FIN, port freed by the kernel
                 async with asyncio.timeout(2):
                     await tunnel.wait_down()
@@ -179,20 +180,18 @@ async def test_half_open_then_stale_bind_recovers_once_sshd_reaps(tmp_path: Path
         HalfOpenRelay(sshd.port) as relay,
         running_simulator() as sim,
     ):
-        pin(tmp_path / "known_hosts", relay.port, sshd.host_public_key)
         agent = agent_settings(
             tmp_path,
             relay.port,
             f"127.0.0.1:{bind}",
             sim.url,
+            pinned=sshd.host_public_key,
             keepalive_interval=0.2,
             keepalive_count_max=2,
             backoff_max=0.5,
         )
         keepalive_bound = agent.keepalive_interval * (agent.keepalive_count_max + 1)
-        async with running_tunnel(agent) as tunnel:
-            async with asyncio.timeout(10):
-                await tunnel.wait_up()
+        async with running_tunnel(agent, up_within=10) as tunnel:
             relay.blackhole()
             silenced = time.monotonic()
             async with asyncio.timeout(keepalive_bound + SLACK_S):
@@ -205,11 +204,7 @@ async def test_half_open_then_stale_bind_recovers_once_sshd_reaps(tmp_path: Path
             assert tunnel.failures["ForwardRefused"] >= 1  # transient, not a config error
             assert "ForwardMisconfigured" not in tunnel.failures
             assert any("Address already in use" in line for line in sshd.log)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(f"http://127.0.0.1:{bind}/api/generate", json=GEN) as r,
-            ):
-                assert r.status == 200
+            assert (await generate_via(bind)).status == 200
 
 
 async def test_unauthorized_key_and_wrong_permitlisten_are_permanent(tmp_path: Path):
@@ -223,8 +218,13 @@ async def test_unauthorized_key_and_wrong_permitlisten_are_permanent(tmp_path: P
         await asyncio.Event().wait()
 
     async with OpenSSHServer(tmp_path / "sshd", bind, authorized) as sshd:
-        pin(tmp_path / "known_hosts", sshd.port, sshd.host_public_key)
-        agent = agent_settings(tmp_path, sshd.port, f"127.0.0.1:{bind}", "http://127.0.0.1:9")
+        agent = agent_settings(
+            tmp_path,
+            sshd.port,
+            f"127.0.0.1:{bind}",
+            "http://127.0.0.1:9",
+            pinned=sshd.host_public_key,
+        )
         async with running_tunnel(agent, sleep=sleep) as tunnel:
             async with asyncio.timeout(10):
                 await parked.wait()
@@ -244,19 +244,12 @@ async def test_unauthorized_key_and_wrong_permitlisten_are_permanent(tmp_path: P
 async def test_the_forced_command_replaces_exec(tmp_path: Path):
     bind = free_port()
     key = make_key(tmp_path / "agent_key")
-    async with OpenSSHServer(tmp_path / "sshd", bind, key) as sshd:
-        host_key = asyncssh.import_public_key(sshd.host_public_key)
-        async with asyncssh.connect(
-            "127.0.0.1",
-            sshd.port,
-            username=sshd.user,
-            client_keys=[key],
-            known_hosts=([host_key], [], []),
-            config=[],
-            agent_path=None,
-        ) as conn:
-            result = await conn.run("id", check=False)
-            assert result.exit_status == 1  # /bin/false ran instead
-            assert result.stdout == ""
-            with pytest.raises(asyncssh.ChannelListenError):
-                await conn.forward_remote_port("127.0.0.1", free_port(), "127.0.0.1", 9)
+    async with (
+        OpenSSHServer(tmp_path / "sshd", bind, key) as sshd,
+        ssh_connect(sshd.port, sshd.host_public_key, key, sshd.user) as conn,
+    ):
+        result = await conn.run("id", check=False)
+        assert result.exit_status == 1  # /bin/false ran instead
+        assert result.stdout == ""
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.forward_remote_port("127.0.0.1", free_port(), "127.0.0.1", 9)

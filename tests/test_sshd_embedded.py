@@ -15,34 +15,27 @@ import pytest
 from agent.simulator import running_simulator
 from edge.sshd import SSH_SERVER, EmbeddedSSHServer
 from edge.state import SESSION, UPSTREAM
-from tests.servers import edge, free_port
+from tests.servers import free_port
 from tests.sshd_fixtures import (
+    GEN,
     EmbeddedVPS,
     agent_settings,
+    authorize_agent,
+    edge_with_sshd,
     embedded_server,
     make_key,
-    pin,
     public_line,
     running_tunnel,
+    ssh_connect,
 )
-
-GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
 
 @asynccontextmanager
 async def connect(
     vps: EmbeddedVPS, key: asyncssh.SSHKey
 ) -> AsyncIterator[asyncssh.SSHClientConnection]:
-    host_key = asyncssh.import_public_key(vps.server.host_public_key)
-    async with asyncssh.connect(
-        "127.0.0.1",
-        vps.port,
-        username="anyone",
-        client_keys=[key],
-        known_hosts=([host_key], [], []),
-        config=[],
-        agent_path=None,
-    ) as conn:
+    # Any user name: the embedded server checks only the key.
+    async with ssh_connect(vps.port, vps.server.host_public_key, key, "anyone") as conn:
         yield conn
 
 
@@ -80,8 +73,7 @@ async def test_only_listed_keys_get_in_and_the_list_is_reread(tmp_path: Path):
 
 async def test_refuses_shell_exec_subsystem_pty_and_direct_forwards(tmp_path: Path):
     bind = free_port()
-    key = make_key(tmp_path / "agent_key")
-    (tmp_path / "agent_keys").write_text(public_line(key))
+    key = authorize_agent(tmp_path)
     async with embedded_server(tmp_path, bind) as vps, connect(vps, key) as conn:
         with pytest.raises(asyncssh.ChannelOpenError):
             await conn.run("id")
@@ -122,8 +114,7 @@ async def test_grants_only_the_configured_forward(tmp_path: Path):
 
 async def test_same_key_replaces_the_old_connection_and_frees_the_port_at_once(tmp_path: Path):
     bind = free_port()
-    key = make_key(tmp_path / "agent_key")
-    (tmp_path / "agent_keys").write_text(public_line(key))
+    key = authorize_agent(tmp_path)
     async with embedded_server(tmp_path, bind) as vps, connect(vps, key) as old:
         await old.forward_remote_port("127.0.0.1", bind, "127.0.0.1", 9)
         async with connect(vps, key) as new:
@@ -133,31 +124,24 @@ async def test_same_key_replaces_the_old_connection_and_frees_the_port_at_once(t
             async with asyncio.timeout(2):
                 await old.wait_closed()
             assert vps.server.holder is not None
-            assert vps.server.holder.conn is not None
+            assert vps.server.holder in vps.server.connections  # the new one: the old is gone
             assert len(vps.server.connections) == 1
 
 
 async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with (
         running_simulator() as sim,
-        edge(
-            f"http://127.0.0.1:{bind}",
-            tmp_path,
-            ssh_port=free_port(),
-            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
-            agent_keys=tmp_path / "agent_keys",
-        ) as e,
+        edge_with_sshd(bind, tmp_path) as e,
         aiohttp.ClientSession() as http,
     ):
         app, url = e.app, e.url
         server: EmbeddedSSHServer = app[SSH_SERVER]
-        pin(tmp_path / "known_hosts", server.port, server.host_public_key)
-        agent = agent_settings(tmp_path, server.port, f"127.0.0.1:{bind}", sim.url)
-        async with running_tunnel(agent) as tunnel:
-            async with asyncio.timeout(5):
-                await tunnel.wait_up()
+        agent = agent_settings(
+            tmp_path, server.port, f"127.0.0.1:{bind}", sim.url, pinned=server.host_public_key
+        )
+        async with running_tunnel(agent, up_within=5):
             assert app[UPSTREAM].status.agent_present is True
             # Presence wakes the edge's probe; probing here makes "ready" deterministic.
             assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"

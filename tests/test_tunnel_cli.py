@@ -17,8 +17,8 @@ import orjson
 from agent.simulator import running_simulator
 from agent.status import STATUS_FILE, StatusBoard
 from edge.sshd import SSH_SERVER
-from tests.servers import edge, free_port
-from tests.sshd_fixtures import make_key, pin, public_line
+from tests.servers import free_port
+from tests.sshd_fixtures import GEN, authorize_agent, edge_with_sshd, pin
 
 AGENT = str(Path(sys.executable).parent / "backhaul-agent")
 
@@ -96,17 +96,11 @@ class NotifySocket:
 
 async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     notify = NotifySocket(tmp_path / "notify.sock")
     async with (
         running_simulator() as sim,
-        edge(
-            f"http://127.0.0.1:{bind}",
-            tmp_path,
-            ssh_port=free_port(),
-            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
-            agent_keys=tmp_path / "agent_keys",
-        ) as e,
+        edge_with_sshd(bind, tmp_path) as e,
         aiohttp.ClientSession() as http,
     ):
         server = e.app[SSH_SERVER]
@@ -166,9 +160,8 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
                 async with asyncio.timeout(1.0):
                     await server.wait_present(False)
                 start = time.monotonic()
-                body = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
                 headers = {"X-Request-Id": "after-sigkill"}
-                async with http.post(f"{e.url}/api/generate", json=body, headers=headers) as r:
+                async with http.post(f"{e.url}/api/generate", json=GEN, headers=headers) as r:
                     assert r.status == 503
                     assert (await r.json())["type"] == "agent_unavailable"
                 assert time.monotonic() - start < 0.5

@@ -10,8 +10,6 @@ import asyncio
 import time
 from pathlib import Path
 
-import aiohttp
-
 from agent.errors import ForwardMisconfigured, HostKeyRejected, Replaced
 from agent.simulator import running_simulator
 from agent.status import StatusBoard
@@ -19,34 +17,33 @@ from tests.servers import free_port
 from tests.sshd_fixtures import (
     HalfOpenRelay,
     agent_settings,
+    authorize_agent,
     embedded_server,
+    generate_via,
     make_key,
     pin,
     public_line,
     running_tunnel,
 )
 
-GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 SLACK_S = 1.0  # scheduling slack on this 2-core machine
 
 
 async def test_forward_carries_requests_and_reports_presence(tmp_path: Path):
     bind = free_port()
     async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
-        (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
-        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
-        settings = agent_settings(tmp_path, vps.port, f"127.0.0.1:{bind}", sim.url)
+        authorize_agent(tmp_path)
+        settings = agent_settings(
+            tmp_path, vps.port, f"127.0.0.1:{bind}", sim.url, pinned=vps.server.host_public_key
+        )
         async with running_tunnel(settings) as tunnel:
             async with asyncio.timeout(5):
                 await tunnel.wait_up()
                 await vps.wait_present(True)
             assert tunnel.cipher == "aes128-gcm@openssh.com"  # half chacha20's cost in asyncssh
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(f"http://127.0.0.1:{bind}/api/generate", json=GEN) as r,
-            ):
-                assert r.status == 200
-                assert (await r.json())["done"] is True
+            r = await generate_via(bind)
+            assert r.status == 200
+            assert (await r.json())["done"] is True
         async with asyncio.timeout(2):  # the tunnel task was cancelled: the agent left
             await vps.wait_present(False)
     assert vps.presence == [False, True, False]
@@ -54,14 +51,13 @@ async def test_forward_carries_requests_and_reports_presence(tmp_path: Path):
 
 async def test_server_crash_and_restart_back_up_within_the_backoff_bound(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
         port = vps.port
-        pin(tmp_path / "known_hosts", port, vps.server.host_public_key)
-        settings = agent_settings(tmp_path, port, f"127.0.0.1:{bind}", sim.url)
-        async with running_tunnel(settings) as tunnel:
-            async with asyncio.timeout(5):
-                await tunnel.wait_up()
+        settings = agent_settings(
+            tmp_path, port, f"127.0.0.1:{bind}", sim.url, pinned=vps.server.host_public_key
+        )
+        async with running_tunnel(settings, up_within=5) as tunnel:
             # The connection aborted under it: back after at most one jittered initial delay
             # (stable_after=0, so the session counted as healthy and the backoff restarted).
             vps.abort_all()
@@ -71,7 +67,7 @@ async def test_server_crash_and_restart_back_up_within_the_backoff_bound(tmp_pat
             async with asyncio.timeout(settings.backoff_initial + SLACK_S):
                 await tunnel.wait_up()
             assert time.monotonic() - down < settings.backoff_initial + SLACK_S
-            assert "Broken pipe" in str(tunnel.last_down_reason) or tunnel.last_down_reason
+            assert tunnel.last_down_reason  # the transport's words; asyncssh: "Connection lost"
 
             # The whole server restarted on the same port (same host key file): refused
             # connects back off up to the cap, then the first attempt after it is back works.
@@ -89,25 +85,23 @@ async def test_server_crash_and_restart_back_up_within_the_backoff_bound(tmp_pat
 
 async def test_half_open_path_is_detected_within_the_keepalive_bound(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with (
         running_simulator() as sim,
         embedded_server(tmp_path, bind, ssh_keepalive_interval=5.0) as vps,
         HalfOpenRelay(vps.port) as relay,
     ):
-        pin(tmp_path / "known_hosts", relay.port, vps.server.host_public_key)
         settings = agent_settings(
             tmp_path,
             relay.port,
             f"127.0.0.1:{bind}",
             sim.url,
+            pinned=vps.server.host_public_key,
             keepalive_interval=0.2,
             keepalive_count_max=2,
         )
         bound = settings.keepalive_interval * (settings.keepalive_count_max + 1)
-        async with running_tunnel(settings) as tunnel:
-            async with asyncio.timeout(5):
-                await tunnel.wait_up()
+        async with running_tunnel(settings, up_within=5) as tunnel:
             relay.blackhole()
             silenced = time.monotonic()
             async with asyncio.timeout(bound + SLACK_S):
@@ -119,16 +113,12 @@ async def test_half_open_path_is_detected_within_the_keepalive_bound(tmp_path: P
             # connection with the same key replaces the silent one at once: no stale bind.
             async with asyncio.timeout(2):
                 await tunnel.wait_up()
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(f"http://127.0.0.1:{bind}/api/generate", json=GEN) as r,
-            ):
-                assert r.status == 200
+            assert (await generate_via(bind)).status == 200
 
 
 async def test_wrong_host_key_is_permanent_and_never_hammers(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     impostor = make_key(tmp_path / "impostor")
     delays: list[float] = []
     third = asyncio.Event()
@@ -140,8 +130,13 @@ async def test_wrong_host_key_is_permanent_and_never_hammers(tmp_path: Path):
             await asyncio.Event().wait()  # stay parked: the test has what it needs
 
     async with embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, public_line(impostor))
-        settings = agent_settings(tmp_path, vps.port, f"127.0.0.1:{bind}", "http://127.0.0.1:9")
+        settings = agent_settings(
+            tmp_path,
+            vps.port,
+            f"127.0.0.1:{bind}",
+            "http://127.0.0.1:9",
+            pinned=public_line(impostor),
+        )
         board = StatusBoard(tmp_path / "status.json")
         async with running_tunnel(settings, board=board, sleep=sleep) as tunnel:
             async with asyncio.timeout(5):
@@ -157,7 +152,7 @@ async def test_wrong_host_key_is_permanent_and_never_hammers(tmp_path: Path):
 
 async def test_forward_refused_on_first_connect_is_a_configuration_error(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     parked = asyncio.Event()
     delays: list[float] = []
 
@@ -167,9 +162,10 @@ async def test_forward_refused_on_first_connect_is_a_configuration_error(tmp_pat
         await asyncio.Event().wait()
 
     async with embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
         wrong = f"127.0.0.1:{free_port()}"  # not the edge's upstream address
-        settings = agent_settings(tmp_path, vps.port, wrong, "http://127.0.0.1:9")
+        settings = agent_settings(
+            tmp_path, vps.port, wrong, "http://127.0.0.1:9", pinned=vps.server.host_public_key
+        )
         async with running_tunnel(settings, sleep=sleep) as tunnel:
             async with asyncio.timeout(5):
                 await parked.wait()
@@ -180,11 +176,15 @@ async def test_forward_refused_on_first_connect_is_a_configuration_error(tmp_pat
 
 async def test_reconnect_now_cuts_the_wait_short(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, public_line(make_key(tmp_path / "other")))
         settings = agent_settings(
-            tmp_path, vps.port, f"127.0.0.1:{bind}", sim.url, backoff_max=60.0
+            tmp_path,
+            vps.port,
+            f"127.0.0.1:{bind}",
+            sim.url,
+            pinned=public_line(make_key(tmp_path / "other")),
+            backoff_max=60.0,
         )
         waiting = asyncio.Event()
 
@@ -212,27 +212,28 @@ async def test_reconnect_now_cuts_the_wait_short(tmp_path: Path):
 
 async def test_two_agents_with_one_key_newest_wins(tmp_path: Path):
     bind = free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     async with running_simulator() as sim, embedded_server(tmp_path, bind) as vps:
-        pin(tmp_path / "known_hosts", vps.port, vps.server.host_public_key)
         settings = agent_settings(
-            tmp_path, vps.port, f"127.0.0.1:{bind}", sim.url, backoff_max=60.0
+            tmp_path,
+            vps.port,
+            f"127.0.0.1:{bind}",
+            sim.url,
+            pinned=vps.server.host_public_key,
+            backoff_max=60.0,
         )
-        async with running_tunnel(settings) as first:
+        # Entered in order: the second agent starts once the first one's forward is up.
+        async with (
+            running_tunnel(settings, up_within=5) as first,
+            running_tunnel(settings) as second,
+        ):
             async with asyncio.timeout(5):
-                await first.wait_up()
-            async with running_tunnel(settings) as second:
-                async with asyncio.timeout(5):
-                    await second.wait_up()
-                    await first.wait_down()
-                # The old one is told why and backs off to the cap instead of fighting back.
-                assert isinstance(first.last_error, Replaced)
-                assert "own key" in first.last_error.fix
-                assert len(vps.server.connections) == 1
-                assert vps.server.holder is not None
-                async with (
-                    aiohttp.ClientSession() as http,
-                    http.post(f"http://127.0.0.1:{bind}/api/generate", json=GEN) as r,
-                ):
-                    assert r.status == 200
-                assert not first.is_up
+                await second.wait_up()
+                await first.wait_down()
+            # The old one is told why and backs off to the cap instead of fighting back.
+            assert isinstance(first.last_error, Replaced)
+            assert "own key" in first.last_error.fix
+            assert len(vps.server.connections) == 1
+            assert vps.server.holder is not None
+            assert (await generate_via(bind)).status == 200
+            assert not first.is_up

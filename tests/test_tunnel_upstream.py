@@ -17,8 +17,8 @@ from agent.upstream import ModelServer
 from edge.sshd import SSH_SERVER
 from edge.state import SESSION, UPSTREAM
 from shared.notify import Notifier
-from tests.servers import edge, free_port, serving
-from tests.sshd_fixtures import agent_settings, make_key, pin, public_line, running_tunnel
+from tests.servers import free_port, serving
+from tests.sshd_fixtures import agent_settings, authorize_agent, edge_with_sshd, running_tunnel
 
 MODEL = "llama3.2:1b"
 
@@ -81,27 +81,20 @@ async def test_openai_only_servers_are_probed_on_v1_models_and_not_warmed():
 
 async def test_model_server_down_behind_a_live_tunnel_is_502_at_once(tmp_path: Path):
     bind, sim_port = free_port(), free_port()
-    (tmp_path / "agent_keys").write_text(public_line(make_key(tmp_path / "agent_key")))
+    authorize_agent(tmp_path)
     body = {"model": MODEL, "prompt": "hi", "stream": False}
     async with (
-        edge(
-            f"http://127.0.0.1:{bind}",
-            tmp_path,
-            ssh_port=free_port(),
-            ssh_host_key=tmp_path / "ssh_host_ed25519_key",
-            agent_keys=tmp_path / "agent_keys",
-            probe_interval=60,  # the request itself must find out, not the probe
-        ) as e,
+        # probe_interval: the request itself must find out, not the probe
+        edge_with_sshd(bind, tmp_path, probe_interval=60) as e,
         aiohttp.ClientSession() as http,
     ):
         app, url = e.app, e.url
         server = app[SSH_SERVER]
-        pin(tmp_path / "known_hosts", server.port, server.host_public_key)
         upstream = f"http://127.0.0.1:{sim_port}"
-        agent = agent_settings(tmp_path, server.port, f"127.0.0.1:{bind}", upstream)
-        async with running_tunnel(agent) as tunnel:
-            async with asyncio.timeout(5):
-                await tunnel.wait_up()
+        agent = agent_settings(
+            tmp_path, server.port, f"127.0.0.1:{bind}", upstream, pinned=server.host_public_key
+        )
+        async with running_tunnel(agent, up_within=5):
             async with running_simulator(SimulatorSettings(), port=sim_port):
                 assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
                 async with http.post(f"{url}/api/generate", json=body) as r:
