@@ -60,9 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = AgentSettings.load(
-            args.config, key_path=args.key_path, remote_bind=args.remote_bind
-        )
+        settings = AgentSettings.load_args(args, "key_path", "remote_bind")
     except ConfigError as exc:
         print(f"backhaul-agent keygen: {exc}", file=sys.stderr)
         return 2

@@ -49,17 +49,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = AgentSettings.load(
-            args.config,
-            ssh_host=args.ssh_host,
-            ssh_port=args.ssh_port,
-            ssh_user=args.ssh_user,
-            key_path=args.key_path,
-            known_hosts=args.known_hosts,
-            remote_bind=args.remote_bind,
-            upstream=args.upstream,
-            state_dir=args.state_dir,
-            log_level=args.log_level,
+        settings = AgentSettings.load_args(
+            args,
+            "ssh_host",
+            "ssh_port",
+            "ssh_user",
+            "key_path",
+            "known_hosts",
+            "remote_bind",
+            "upstream",
+            "state_dir",
+            "log_level",
         )
         # Fail at start, not at the first connect, on what only the operator can fix.
         ssh.load_client_key(settings)

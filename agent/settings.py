@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import BackhaulSettings
+from shared.settings import BackhaulSettings, url_address
 
 
 class AgentSettings(BackhaulSettings):
@@ -90,6 +90,4 @@ class AgentSettings(BackhaulSettings):
     @property
     def upstream_address(self) -> tuple[str, int]:
         """The host and port the forward connects to on this machine."""
-        parts = urlsplit(self.upstream)
-        default = 443 if parts.scheme == "https" else 80
-        return parts.hostname or "127.0.0.1", parts.port or default
+        return url_address(self.upstream)

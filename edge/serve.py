@@ -41,14 +41,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = EdgeSettings.load(
-            args.config,
-            host=args.host,
-            port=args.port,
-            upstream=args.upstream,
-            telemetry_path=args.telemetry_path,
-            ssh_port=args.ssh_port,
-            log_level=args.log_level,
+        settings = EdgeSettings.load_args(
+            args, "host", "port", "upstream", "telemetry_path", "ssh_port", "log_level"
         )
     except ConfigError as exc:
         print(f"backhaul-edge: {exc}", file=sys.stderr)

@@ -23,7 +23,6 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncssh
 import structlog
@@ -32,6 +31,7 @@ from aiohttp import web
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS, UPSTREAM
 from shared.errors import ConfigError
+from shared.settings import url_address
 
 log = structlog.get_logger(__name__)
 
@@ -56,9 +56,8 @@ class AgentConnection:
 
 def upstream_bind(upstream: str) -> tuple[str, int]:
     """The loopback host and port an agent may ask to listen on: the edge's upstream URL."""
-    parts = urlsplit(upstream)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return (parts.hostname or "127.0.0.1").lower(), port
+    host, port = url_address(upstream)
+    return host.lower(), port
 
 
 def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:

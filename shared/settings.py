@@ -8,10 +8,12 @@ frozen object in `main()` and passes it down; tests build them directly with key
 
 from __future__ import annotations
 
+import argparse
 import os
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
 
 from pydantic_settings import (
     BaseSettings,
@@ -21,6 +23,13 @@ from pydantic_settings import (
 )
 
 from shared.errors import ConfigError
+
+
+def url_address(url: str) -> tuple[str, int]:
+    """The host and port an http(s) URL connects to (80 or 443 when it names none)."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("backhaul_config_file", default=None)
 
@@ -62,6 +71,12 @@ class BackhaulSettings(BaseSettings):
             raise ConfigError(f"invalid settings{where}: {exc}") from exc
         finally:
             _CONFIG_FILE.reset(token)
+
+    @classmethod
+    def load_args(cls, args: argparse.Namespace, *flags: str) -> Self:
+        """`load()` from a command's parsed arguments: `args.config`, and each of `flags`
+        (named as the settings fields they set; a flag not given is None and left out)."""
+        return cls.load(args.config, **{name: getattr(args, name) for name in flags})
 
     @classmethod
     def _config_from_env(cls) -> Path | None:
