@@ -26,6 +26,7 @@ import orjson
 import structlog
 
 from agent.settings import AgentSettings
+from shared.atomic import replace_file
 from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -112,10 +113,11 @@ class StatusBoard:
         # what makes it atomic; ordering with the next update stays trivial.
         if self._path is None:
             return
-        tmp = self._path.with_name(f".{self._path.name}.{os.getpid()}.tmp")
+        data = orjson.dumps(self.status, option=orjson.OPT_INDENT_2)
         try:
-            tmp.write_bytes(orjson.dumps(self.status, option=orjson.OPT_INDENT_2))
-            os.replace(tmp, self._path)
+            # Readable by the operator's `status` command; not fsynced: it is rewritten on every
+            # change, and after a power cut the agent is not running anyway.
+            replace_file(self._path, data, 0o644, durable=False)
         except OSError as exc:
             if not self._write_failed:
                 log.warning("status.unwritable", path=str(self._path), error=str(exc))

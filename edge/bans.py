@@ -20,7 +20,6 @@ a restart.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import orjson
 import structlog
+
+from shared.atomic import replace_file
 
 log = structlog.get_logger(__name__)
 
@@ -143,14 +144,7 @@ class BanList:
         """Replace the file with `data` atomically (blocking: run it in a thread)."""
         if self.path is None:
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        replace_file(self.path, data, 0o600)
         self.saves += 1
 
     async def save(self) -> None:

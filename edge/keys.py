@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -38,6 +37,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge.ollama import canonical_model
+from shared.atomic import replace_file
 from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -129,20 +129,9 @@ def write_keys_file(path: Path, keys: KeysFile) -> None:
     data = orjson.dumps(
         keys.model_dump(mode="json"), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        if os.geteuid() == 0:
-            # root editing the file of an edge that runs as its own user: keep it readable by
-            # that user (the old file's owner, or the directory's for a new file).
-            owner = path if path.exists() else path.parent
-            st = owner.stat()
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    # Run as root (editing the file of an edge that runs as its own user), the file keeps
+    # its owner, so that user can still read it.
+    replace_file(path, data, 0o600, keep_owner=True)
 
 
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
