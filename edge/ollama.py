@@ -63,8 +63,11 @@ class ModelPolicy:
 
 
 def canonical_model(name: str) -> str:
-    """`llama3.2` and `llama3.2:latest` are the same model to Ollama."""
-    return name if ":" in name else f"{name}:latest"
+    """`llama3.2` and `llama3.2:latest` are the same model to Ollama.
+
+    The tag is after a colon in the last path segment: `registry:5000/llama3` has none.
+    """
+    return name if ":" in name.rpartition("/")[2] else f"{name}:latest"
 
 
 def is_cloud_model(name: str) -> bool:

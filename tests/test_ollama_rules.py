@@ -34,6 +34,10 @@ def test_latest_tag_is_the_same_model():
     policy = ModelPolicy(["llama3.2"])
     assert policy.allows("llama3.2:latest") and policy.allows("llama3.2")
     assert not policy.allows("llama3.2:1b")
+    # A registry with a port: the colon there is not a tag.
+    registry = ModelPolicy(["registry.local:5000/team/llama3"])
+    assert registry.allows("registry.local:5000/team/llama3:latest")
+    assert not registry.allows("registry.local:5000/team/llama3:8b")
 
 
 def test_native_output_cap_and_unlimited_requests():
