@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -22,16 +21,13 @@ def free_port() -> int:
         return port
 
 
-def wait_port(
-    port: int, deadline_s: float = 20.0, proc: subprocess.Popen[str] | None = None
-) -> None:
+def wait_port(port: int, proc: subprocess.Popen[str], deadline_s: float = 20.0) -> None:
+    """Until something accepts on `port`; raises if `proc` exits first or the deadline passes."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            assert proc.stderr is not None
-            raise RuntimeError(
-                f"{proc.args} exited {proc.returncode}: {proc.stderr.read()[-2000:]}"
-            )
+        if proc.poll() is not None:
+            detail = proc.stderr.read()[-2000:] if proc.stderr else "see its log"
+            raise RuntimeError(f"{proc.args!r} exited {proc.returncode}: {detail}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -40,14 +36,22 @@ def wait_port(
 
 
 @contextmanager
-def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[int]:
-    """Run `args` until the block ends; yields once `port` accepts connections."""
+def process(
+    args: list[str], port: int, env: dict[str, str] | None = None, log: Path | None = None
+) -> Iterator[int]:
+    """Run `args` until the block ends; yields its pid once `port` accepts connections.
+
+    Its stderr goes to `log` when given; otherwise it is kept, and shown if the program
+    fails to start or exits with anything but 0 or SIGTERM's -15.
+    """
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
-        args, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    with ExitStack() as files:
+        err = files.enter_context(log.open("ab")) if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(
+            args, env=full_env, stdout=subprocess.DEVNULL, stderr=err, text=True
+        )
     try:
-        wait_port(port, proc=proc)
+        wait_port(port, proc)
         yield proc.pid
     finally:
         proc.terminate()
@@ -56,9 +60,10 @@ def process(args: list[str], port: int, env: dict[str, str] | None = None) -> It
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.returncode not in (0, -15):
-            assert proc.stderr is not None
-            print(f"{args[0]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        if proc.stderr is not None:
+            if proc.returncode not in (0, -15):
+                print(f"{args[0]} exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            proc.stderr.close()
 
 
 @contextmanager
@@ -87,7 +92,3 @@ def edge(upstream: str, telemetry: Path, **settings: str) -> Iterator[str]:
     }
     with process([str(BIN / "backhaul-edge"), "serve"], port, env):
         yield f"http://127.0.0.1:{port}"
-
-
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]

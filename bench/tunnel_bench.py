@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,24 +55,10 @@ LABELS: dict[int, str] = {}
 def process(
     args: list[str], port: int, log: Path, env: dict[str, str] | None = None
 ) -> Iterator[None]:
-    """Run `args` (stderr to `log`) until the block ends; yields once `port` accepts."""
-    with log.open("ab") as err:
-        proc = subprocess.Popen(
-            args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=err
-        )
-    LABELS[proc.pid] = log.stem  # edge-embedded, agent-sshd, sshd, ssh, nginx, blob
-    try:
-        procs.wait_port(port)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args[0]} exited {proc.returncode}; see {log}")
+    """`procs.process` with stderr to `log`, its pid labelled for the CPU breakdown."""
+    with procs.process(args, port, env, log) as pid:
+        LABELS[pid] = log.stem  # edge-embedded, agent-sshd, sshd, ssh, nginx, blob
         yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_key(path: Path) -> str:
@@ -181,38 +166,23 @@ def stack(tmp: Path, upstream: str, baseline: bool) -> Iterator[dict[str, str]]:
         }
         return {f"BACKHAUL_AGENT_{k.upper()}": v for k, v in values.items()}
 
+    def mode(name: str, edge_port: int, bind: int, dials: int, known: str, **edge: str) -> None:
+        """An edge, and an agent that dials `dials` (pinning `known`) to forward `bind` to it."""
+        env = edge_env(edge_port, bind, **edge)
+        stack_.enter_context(process([EDGE, "serve"], edge_port, tmp / f"edge-{name}.log", env))
+        env = agent_env(dials, known, bind)
+        stack_.enter_context(process([AGENT, "run"], bind, tmp / f"agent-{name}.log", env))
+        urls[f"tunnel {name}"] = f"http://127.0.0.1:{bind}"
+        urls[f"edge+{name}"] = f"http://127.0.0.1:{edge_port}"
+
     with ExitStack() as stack_:
         ssh_port = stack_.enter_context(sshd(tmp, agent_pub, b_sshd, ssh_pub, b_ssh))
-        env = edge_env(
-            e_emb,
-            b_emb,
-            ssh_port=str(k_emb),
-            ssh_host_key=str(tmp / "edge_host_key"),
-            agent_keys=str(tmp / "agent_keys"),
-        )
-        stack_.enter_context(process([EDGE, "serve"], e_emb, tmp / "edge-embedded.log", env))
-        stack_.enter_context(
-            process(
-                [AGENT, "run"],
-                b_emb,
-                tmp / "agent-embedded.log",
-                agent_env(k_emb, "edge_known_hosts", b_emb),
-            )
-        )
-        urls["tunnel embedded"] = f"http://127.0.0.1:{b_emb}"
-        urls["edge+embedded"] = f"http://127.0.0.1:{e_emb}"
-        env = edge_env(e_sshd, b_sshd, ssh_port="0")
-        stack_.enter_context(process([EDGE, "serve"], e_sshd, tmp / "edge-sshd.log", env))
-        stack_.enter_context(
-            process(
-                [AGENT, "run"],
-                b_sshd,
-                tmp / "agent-sshd.log",
-                agent_env(ssh_port, "sshd_known_hosts", b_sshd),
-            )
-        )
-        urls["tunnel sshd"] = f"http://127.0.0.1:{b_sshd}"
-        urls["edge+sshd"] = f"http://127.0.0.1:{e_sshd}"
+        embedded = {
+            "ssh_host_key": str(tmp / "edge_host_key"),
+            "agent_keys": str(tmp / "agent_keys"),
+        }
+        mode("embedded", e_emb, b_emb, k_emb, "edge_known_hosts", ssh_port=str(k_emb), **embedded)
+        mode("sshd", e_sshd, b_sshd, ssh_port, "sshd_known_hosts", ssh_port="0")
         if baseline:
             port = upstream.rpartition(":")[2]
             ssh_args = [
