@@ -29,7 +29,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import uvloop
 
 from bench import load, procs
 
@@ -150,18 +149,12 @@ async def one_round(url: str, slow: bool) -> Round:
     return into
 
 
-def run_round(url: str, slow: bool) -> Round:
-    """One round on uvloop, like the other loads (the generator shares the two cores)."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(one_round(url, slow))
-
-
 def gate_pair(url: str, rounds: int) -> dict[str, Any]:
     """Alternate baseline and slow rounds; pool each kind's TTFB samples over the rounds."""
-    run_round(url, slow=False)  # warm-up: connections, caches
+    load.run(one_round(url, slow=False))  # warm-up: connections, caches
     pairs: list[tuple[Round, Round]] = []
     for _ in range(rounds):
-        pairs.append((run_round(url, slow=False), run_round(url, slow=True)))
+        pairs.append((load.run(one_round(url, slow=False)), load.run(one_round(url, slow=True))))
     # Refusals (503 overloaded after queue_timeout) are figures here, not a crash: with a relay
     # that lets slow readers hold slots, they are the result.
     refused = [sum(base.errors for base, _ in pairs), sum(slow.errors for _, slow in pairs)]
@@ -187,19 +180,11 @@ def gate_pair(url: str, rounds: int) -> dict[str, Any]:
 
 def run(telemetry: Path, rounds: int) -> dict[str, Any]:
     """Start a two-slot simulator and a default edge, run the rounds, print the figures."""
-    port = procs.free_port()
-    args = [
-        str(procs.BIN / "backhaul-agent"), "simulate", "--port", str(port),
-        "--tok-per-s", "0", "--ttft", str(PREFILL_S), "--parallel", "2",
-        "--max-queue", "4096", "--reply-tokens", str(BIG_TOKENS),
-    ]  # fmt: skip
     with (
-        procs.process(args, port),
+        procs.simulator(parallel=2, ttft=PREFILL_S) as sim,
         # Defaults (max_inflight 2, queue_max 64, stream_buffer_bytes 8 MiB), but answers of
-        # 40,000 tokens allowed; auth off, as in the other runs.
-        procs.edge(
-            f"http://127.0.0.1:{port}", telemetry, max_output_tokens=str(BIG_TOKENS), auth="none"
-        ) as edge,
+        # BIG_TOKENS allowed; auth off, as in the other runs.
+        procs.edge(sim, telemetry, max_output_tokens=str(BIG_TOKENS), auth="none") as edge,
     ):
         result = gate_pair(edge, rounds)
     print_gate(result)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import uvloop
 
 # No run may last longer than this (s), whatever the machine is doing.
 RUN_DEADLINE_S = 300.0
+
+T = TypeVar("T")
+# Reads one streamed answer; given the response and the perf_counter() its request began at.
+StreamReader = Callable[[aiohttp.ClientResponse, float], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Result:
         return self.pct(99)
 
 
-def run(coro: Coroutine[Any, Any, Result]) -> Result:
+def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one load on uvloop: the generator's own overhead is the same for both targets and
     as small as we can make it, since it shares the two cores with the servers."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -105,40 +109,56 @@ async def w2(
     per_stream: int = 3,
     burst: bool = False,
 ) -> Result:
-    """`streams` concurrent streamed /api/generate requests; the TTFB of each.
-
-    Steady (the default): `streams` workers each run `per_stream` streams back to back, their
-    starts spread over one stream's duration, so that `streams` streams are always in flight
-    and requests arrive one by one, as they do in production. Burst: all start in the same
-    instant, once (a connection storm: it measures how long the last of them waits).
-    """
-    body = generate_body(tokens, stream=True)
+    """`streams` concurrent streamed /api/generate requests; the TTFB of each (see `streamed`)."""
     ttfb: list[float] = []
     errors = 0
+
+    async def read(response: aiohttp.ClientResponse, start: float) -> None:
+        nonlocal errors
+        first = await response.content.readline()
+        ttfb.append((time.perf_counter() - start) * 1000.0)
+        if response.status != 200 or not first:
+            errors += 1
+        async for _ in response.content.iter_any():
+            pass
+
+    seconds = await streamed(base_url, streams, tokens, read, tok_per_s, per_stream, burst)
+    return Result(len(ttfb), errors, seconds, ttfb)
+
+
+async def streamed(
+    base_url: str,
+    streams: int,
+    tokens: int,
+    read: StreamReader,
+    tok_per_s: float = 290.0,
+    per_stream: int = 3,
+    burst: bool = False,
+) -> float:
+    """The W2 load: `streams` streamed /api/generate requests in flight, each answer given to
+    `read`; returns the run's seconds.
+
+    Steady (the default): `streams` workers each run `per_stream` streams back to back, their
+    starts spread over one stream's duration (`tokens / tok_per_s`), so that `streams` streams
+    are always in flight and requests arrive one by one, as they do in production. Burst: all
+    start in the same instant, once (a connection storm: it measures how long the last of them
+    waits).
+    """
+    body = generate_body(tokens, stream=True)
     duration = tokens / tok_per_s
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one() -> None:
-            nonlocal errors
-            start = time.perf_counter()
-            async with session.post(f"{base_url}/api/generate", json=body) as response:
-                first = await response.content.readline()
-                ttfb.append((time.perf_counter() - start) * 1000.0)
-                if response.status != 200 or not first:
-                    errors += 1
-                async for _ in response.content.iter_any():
-                    pass
 
         async def worker(i: int) -> None:
             if not burst:
                 await asyncio.sleep(i * duration / streams)
             for _ in range(1 if burst else per_stream):
-                await one()
+                start = time.perf_counter()
+                async with session.post(f"{base_url}/api/generate", json=body) as response:
+                    await read(response, start)
 
         start = time.perf_counter()
         async with asyncio.timeout(RUN_DEADLINE_S), asyncio.TaskGroup() as group:
             for i in range(streams):
                 group.create_task(worker(i))
-        seconds = time.perf_counter() - start
-    return Result(len(ttfb), errors, seconds, ttfb)
+        return time.perf_counter() - start

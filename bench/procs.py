@@ -67,19 +67,25 @@ def process(
 
 
 @contextmanager
-def simulator(tok_per_s: float = 0, parallel: int = 64) -> Iterator[str]:
+def simulator(tok_per_s: float = 0, parallel: int = 64, ttft: float | None = None) -> Iterator[str]:
+    """`backhaul-agent simulate` (its own default time to first token unless `ttft`)."""
     port = free_port()
     args = [
         str(BIN / "backhaul-agent"), "simulate", "--port", str(port),
         "--tok-per-s", str(tok_per_s), "--parallel", str(parallel), "--max-queue", "4096",
         "--reply-tokens", "100000",  # num_predict in each request sets the length
     ]  # fmt: skip
+    if ttft is not None:
+        args += ["--ttft", str(ttft)]
     with process(args, port):
         yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager
-def edge(upstream: str, telemetry: Path, **settings: str) -> Iterator[str]:
+def edge(
+    upstream: str, telemetry: Path, env: dict[str, str] | None = None, /, **settings: str
+) -> Iterator[str]:
+    """`backhaul-edge serve` with `settings` as BACKHAUL_EDGE_* and `env` (PYTHONPATH, say)."""
     port = free_port()
     env = {
         "BACKHAUL_EDGE_PORT": str(port),
@@ -89,6 +95,7 @@ def edge(upstream: str, telemetry: Path, **settings: str) -> Iterator[str]:
         # Open unless a benchmark passes auth="keys" (bench/auth_bench.py measures what it costs).
         "BACKHAUL_EDGE_AUTH": "none",
         **{f"BACKHAUL_EDGE_{k.upper()}": v for k, v in settings.items()},
+        **(env or {}),
     }
     with process([str(BIN / "backhaul-edge"), "serve"], port, env):
         yield f"http://127.0.0.1:{port}"

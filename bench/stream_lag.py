@@ -14,7 +14,6 @@ to compare two relays on the same simulator in the same run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import tempfile
 import time
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import uvloop
 
 from bench import load, procs
 
@@ -33,44 +31,26 @@ _STAMP = b'"created_at":"'
 
 async def lagged(base_url: str) -> tuple[list[float], list[float], int]:
     """One W2 run: (TTFB ms, chunk lag ms, errors)."""
-    body = load.generate_body(TOKENS, stream=True)
     ttfb: list[float] = []
     lag: list[float] = []
     errors = 0
-    duration = TOKENS / TOK_PER_S
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one() -> None:
-            nonlocal errors
-            start = time.perf_counter()
-            async with session.post(f"{base_url}/api/generate", json=body) as response:
-                first = True
-                async for line in response.content:
-                    now = time.time()
-                    if first:
-                        ttfb.append((time.perf_counter() - start) * 1000.0)
-                        first = False
-                    at = line.find(_STAMP) + len(_STAMP)
-                    made = datetime.fromisoformat(line[at : at + 27].decode()).timestamp()
-                    lag.append((now - made) * 1000.0)
-                if response.status != 200 or first:
-                    errors += 1
+    async def read(response: aiohttp.ClientResponse, start: float) -> None:
+        nonlocal errors
+        first = True
+        async for line in response.content:
+            now = time.time()
+            if first:
+                ttfb.append((time.perf_counter() - start) * 1000.0)
+                first = False
+            at = line.find(_STAMP) + len(_STAMP)
+            made = datetime.fromisoformat(line[at : at + 27].decode()).timestamp()
+            lag.append((now - made) * 1000.0)
+        if response.status != 200 or first:
+            errors += 1
 
-        async def worker(i: int) -> None:
-            await asyncio.sleep(i * duration / STREAMS)
-            for _ in range(PER_STREAM):
-                await one()
-
-        async with asyncio.timeout(load.RUN_DEADLINE_S), asyncio.TaskGroup() as group:
-            for i in range(STREAMS):
-                group.create_task(worker(i))
+    await load.streamed(base_url, STREAMS, TOKENS, read, TOK_PER_S, PER_STREAM)
     return ttfb, lag, errors
-
-
-def run_once(url: str) -> tuple[list[float], list[float], int]:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(lagged(url))
 
 
 def figures(samples: list[float]) -> dict[str, float]:
@@ -81,11 +61,11 @@ def figures(samples: list[float]) -> dict[str, float]:
 def compare(targets: dict[str, str], rounds: int) -> dict[str, Any]:
     """Alternate the targets each round; pool each one's samples."""
     for url in targets.values():
-        run_once(url)  # warm-up
+        load.run(lagged(url))  # warm-up
     pooled: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in targets}
     for _ in range(rounds):
         for name, url in targets.items():
-            ttfb, lag, errors = run_once(url)
+            ttfb, lag, errors = load.run(lagged(url))
             if errors:
                 raise RuntimeError(f"{name}: {errors} failed streams")
             pooled[name][0].extend(ttfb)
@@ -101,40 +81,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another source tree's edge, run too")
     args = parser.parse_args()
-    sim_port, edge_port = procs.free_port(), procs.free_port()
-    sim = f"http://127.0.0.1:{sim_port}"
-    sim_args = [
-        str(procs.BIN / "backhaul-agent"), "simulate", "--port", str(sim_port),
-        "--tok-per-s", str(TOK_PER_S), "--parallel", "64", "--max-queue", "4096",
-        "--reply-tokens", str(TOKENS),
-    ]  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def edge_env(port: int, name: str) -> dict[str, str]:
-            return {
-                "BACKHAUL_EDGE_PORT": str(port),
-                "BACKHAUL_EDGE_UPSTREAM": sim,
-                "BACKHAUL_EDGE_TELEMETRY_PATH": str(Path(tmp) / f"{name}.jsonl"),
-                "BACKHAUL_EDGE_AUTH": "none",
-                "BACKHAUL_EDGE_MAX_INFLIGHT": "64",
-                "BACKHAUL_EDGE_QUEUE_MAX": "4096",
-            }
-
-        edge_cmd = [str(procs.BIN / "backhaul-edge"), "serve"]
-        with (
-            procs.process(sim_args, sim_port),
-            procs.process(edge_cmd, edge_port, edge_env(edge_port, "edge")),
-        ):
-            targets = {"direct": sim, "edge": f"http://127.0.0.1:{edge_port}"}
-            if args.compare is None:
+    gate_off = {"max_inflight": "64", "queue_max": "4096"}  # the simulator has 64 slots
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        procs.simulator(tok_per_s=TOK_PER_S) as sim,
+        procs.edge(sim, Path(tmp) / "edge.jsonl", **gate_off) as edge,
+    ):
+        targets = {"direct": sim, "edge": edge}
+        if args.compare is None:
+            result = compare(targets, args.rounds)
+        else:
+            env = {"PYTHONPATH": str(args.compare.resolve())}
+            with procs.edge(sim, Path(tmp) / "other.jsonl", env, **gate_off) as other:
+                targets[f"edge@{args.compare.name}"] = other
                 result = compare(targets, args.rounds)
-            else:
-                other_port = procs.free_port()
-                env = edge_env(other_port, "other")
-                env["PYTHONPATH"] = str(args.compare.resolve())
-                with procs.process(edge_cmd, other_port, env):
-                    targets[f"edge@{args.compare.name}"] = f"http://127.0.0.1:{other_port}"
-                    result = compare(targets, args.rounds)
     print(json.dumps(result, indent=2))
 
 
