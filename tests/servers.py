@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from agent.simulator import SIM_STATS, SimulatorSettings, SimulatorStats, create_simulator_app
+from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
 from edge.app import create_app
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
@@ -38,21 +38,9 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-@dataclass
-class Simulator:
-    url: str
-    app: web.Application
-
-    @property
-    def stats(self) -> SimulatorStats:
-        return self.app[SIM_STATS]
-
-
-@asynccontextmanager
-async def simulator(**settings: Any) -> AsyncIterator[Simulator]:
-    app = create_simulator_app(SimulatorSettings(**settings))
-    async with serving(app) as url:
-        yield Simulator(url, app)
+def simulator(**settings: Any) -> AbstractAsyncContextManager[RunningSimulator]:
+    """`agent.simulator.running_simulator` with its settings as keywords."""
+    return running_simulator(SimulatorSettings(**settings))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from agent.simulator import SimulatorSettings, create_simulator_app
+from agent.simulator import running_simulator
 from tests.servers import edge, free_port, raw_server, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -170,17 +170,9 @@ async def test_agent_returning_is_noticed(tmp_path: Path, http: aiohttp.ClientSe
         async with http.post(f"{e.url}/api/generate", json=GEN) as r:
             assert r.status == 503
         # The agent comes back: an upstream on the very port the edge knows.
-        app = create_simulator_app(SimulatorSettings())
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", port)
-        await site.start()
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    async with http.post(f"{e.url}/api/generate", json=GEN) as r:
-                        if r.status == 200:
-                            break
-                    await asyncio.sleep(0.1)  # the probe runs every 0.5 s while down
-        finally:
-            await runner.cleanup()
+        async with running_simulator(port=port), asyncio.timeout(10):
+            while True:
+                async with http.post(f"{e.url}/api/generate", json=GEN) as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.1)  # the probe runs every 0.5 s while down
