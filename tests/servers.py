@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
 from edge.app import create_app
+from edge.exchange import EXCHANGE
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 
@@ -48,6 +51,8 @@ class Edge:
     url: str
     app: web.Application
     telemetry_path: Path
+    # request id -> set once the edge's middleware has finished with it (its line is written)
+    ended: defaultdict[str, asyncio.Event]
 
     async def records(self) -> list[dict[str, Any]]:
         """Every telemetry line written so far, parsed."""
@@ -62,6 +67,13 @@ class Edge:
         assert len(lines) == 1, lines
         return lines[0]
 
+    async def wait_record(self, request_id: str) -> dict[str, Any]:
+        """`record()`, once the edge has finished with `request_id`: for a request whose client
+        got its answer (or left) before the edge wrote the line. Unbounded: callers add a
+        timeout."""
+        await self.ended[request_id].wait()
+        return await self.record(request_id)
+
 
 @asynccontextmanager
 async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[Edge]:
@@ -72,8 +84,22 @@ async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[
     settings.setdefault("bans_path", tmp_path / "bans.json")
     config = EdgeSettings(upstream=upstream, telemetry_path=path, **settings)
     app = create_app(config)
+    ended: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    @web.middleware
+    async def note_end(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Outside the edge's own middleware: when this `finally` runs, that one's has written
+        # the request's line, whether the request ended, failed or was cancelled.
+        try:
+            return await handler(request)
+        finally:
+            exchange = request.get(EXCHANGE)
+            if exchange is not None:
+                ended[exchange.id].set()
+
+    app.middlewares.insert(0, note_end)
     async with serving(app) as url:
-        yield Edge(url, app, path)
+        yield Edge(url, app, path, ended)
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from edge.state import GATE
-from tests.servers import Edge, edge, serving, simulator
+from tests.servers import edge, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
@@ -167,18 +167,9 @@ async def test_client_gone_while_buffered_cancels_the_upstream(tmp_path: Path):
                 await held.bulk_sent.wait()  # the upstream is still generating
             await held.cancelled.wait()
             await e.app[GATE].wait_inflight(0)
-            record = await wait_record(e, "left")
+            record = await e.wait_record("left")
     assert record["outcome"] == "client_gone" and record["tokens"] is None
     assert held.events == ["left arrived", "left cancelled"]
-
-
-async def wait_record(e: Edge, request_id: str) -> dict[str, Any]:
-    """The telemetry line of `request_id`, once its handler has ended."""
-    while True:
-        lines = [r for r in await e.records() if r["id"] == request_id]
-        if lines:
-            return lines[0]
-        await asyncio.sleep(0.05)  # polling a file: nothing signals the line being written
 
 
 async def read_chunked_ndjson(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
@@ -238,7 +229,7 @@ async def test_stall_after_the_upstream_ended_is_cut_too(tmp_path: Path):
         await held.bulk_sent.wait()
         held.finish.set()
         await e.app[GATE].wait_inflight(0)  # the upstream ended; the slot is free
-        record = await wait_record(e, "late")  # reading now would end the stall
+        record = await e.wait_record("late")  # reading now would end the stall
         await slow.wait_closed_by_server()  # cut, not left open for keep-alive
     assert record["outcome"] == "client_stalled" and record["status"] == 200
     assert record["tokens"] == 4321  # the answer was complete at the edge
@@ -268,7 +259,7 @@ async def test_stalled_reader_of_a_large_buffered_answer_is_cut(tmp_path: Path):
         slow.send(slow.request("/api/generate", GEN, "big"))
         assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
         assert e.app[GATE].inflight == 0  # the slot went before the answer was written
-        record = await wait_record(e, "big")
+        record = await e.wait_record("big")
         await slow.wait_closed_by_server()
     assert record["outcome"] == "client_stalled" and record["status"] == 200
     assert record["tokens"] == 5 and record["stream"] is False
