@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.servers import edge, simulator
@@ -108,8 +109,6 @@ async def test_bad_bodies_are_400_in_the_route_shape(
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
         status, raw = await raw_request(e.url, "POST", path, body)
         assert status == 400
-        import orjson
-
         payload = orjson.loads(raw)
         if path.startswith("/v1/"):
             assert payload["error"]["type"] == "invalid_request"
