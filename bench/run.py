@@ -19,11 +19,12 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench import auth_bench, gate_bench, load, procs
 
 
-def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict:
+def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
     load.run(load.w1(direct, concurrency, 200))  # warm-up: connections, caches
     load.run(load.w1(through, concurrency, 200))
     pairs = []
@@ -46,7 +47,9 @@ def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int
     }
 
 
-def w2_pair(direct: str, through: str, streams: int, rounds: int, burst: bool = False) -> dict:
+def w2_pair(
+    direct: str, through: str, streams: int, rounds: int, burst: bool = False
+) -> dict[str, Any]:
     d_all: list[float] = []
     e_all: list[float] = []
     for _ in range(rounds):
@@ -92,7 +95,7 @@ def main() -> None:
         if args.json:
             print(json.dumps(figures, indent=2))
         return
-    results: dict[str, object] = {}
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         telemetry = Path(tmp) / "bench.jsonl"
         with (
@@ -119,7 +122,7 @@ def main() -> None:
         print(json.dumps(results, indent=2))
 
 
-def _print_w1(r: dict) -> None:
+def _print_w1(r: dict[str, Any]) -> None:
     d, e = r["direct"], r["edge"]
     print(
         f"W1 c={r['concurrency']:<3} direct {d['rps']:7.0f} req/s p50 {d['p50_ms']:6.2f} ms "
@@ -129,7 +132,7 @@ def _print_w1(r: dict) -> None:
     )
 
 
-def _print_w2(r: dict) -> None:
+def _print_w2(r: dict[str, Any]) -> None:
     d, e = r["direct"], r["edge"]
     print(
         f"W2 {r['mode']:<6} {r['streams']} streams x 256 tok @290 tok/s: TTFB direct p50 "

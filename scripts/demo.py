@@ -129,8 +129,8 @@ async def show_requests(url: str, model: str, telemetry: Path) -> None:
         while len(lines) < before + 2:
             await asyncio.sleep(0.05)
             lines = await asyncio.to_thread(_lines, telemetry)
-    for line in lines[before:]:
-        print(f"{DIM}{line}{RESET}")
+    for text in lines[before:]:
+        print(f"{DIM}{text}{RESET}")
 
 
 def _lines(path: Path) -> list[str]:
