@@ -91,6 +91,7 @@ class UpstreamMonitor:
         self._connected = False
         self._waiting: set[asyncio.Timeout] = set()
         self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # set, then replaced, on every state change
 
     @property
     def status(self) -> Status:
@@ -158,6 +159,11 @@ class UpstreamMonitor:
         self._set(state, reason)
         self._wake.set()
 
+    async def wait_state(self, state: State) -> None:
+        """Return once the upstream is in `state` (at once if it is); bound it with a timeout."""
+        while self._state is not state:
+            await self._changed.wait()
+
     def waiting(self, read_timeout: float) -> _Waiting:
         """`async with` it around a wait for response headers: the wait ends early if the
         upstream goes down.
@@ -172,6 +178,8 @@ class UpstreamMonitor:
             self._reason = reason
             return
         previous, self._state, self._reason, self._since = self._state, state, reason, time.time()
+        self._changed.set()
+        self._changed = asyncio.Event()
         self._count_connect()
         if state is State.UP:
             log.info("upstream.up", previous=previous.value)

@@ -10,6 +10,8 @@ import aiohttp
 from aiohttp import web
 
 from agent.simulator import running_simulator
+from edge.state import UPSTREAM
+from edge.upstream import State
 from tests.servers import edge, free_port, raw_server, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -170,9 +172,8 @@ async def test_agent_returning_is_noticed(tmp_path: Path, http: aiohttp.ClientSe
         async with http.post(f"{e.url}/api/generate", json=GEN) as r:
             assert r.status == 503
         # The agent comes back: an upstream on the very port the edge knows.
-        async with running_simulator(port=port), asyncio.timeout(10):
-            while True:
-                async with http.post(f"{e.url}/api/generate", json=GEN) as r:
-                    if r.status == 200:
-                        break
-                await asyncio.sleep(0.1)  # the probe runs every 0.5 s while down
+        async with running_simulator(port=port):
+            async with asyncio.timeout(10):  # the probe runs every 0.5 s while down
+                await e.app[UPSTREAM].wait_state(State.UP)
+            async with http.post(f"{e.url}/api/generate", json=GEN) as r:
+                assert r.status == 200
