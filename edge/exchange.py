@@ -10,7 +10,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from aiohttp import web
 
@@ -19,6 +19,9 @@ from edge.routes import Route
 from shared.telemetry import RequestRecord
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The IPv6 prefix one subscriber holds: ISPs hand out a /64 (or more) per customer, so one client
+# can rotate through 2^64 addresses; bans, failure counts and per-address limits key on it.
+_IPV6_GROUP_PREFIX = 64
 
 
 @dataclass(slots=True)
@@ -88,3 +91,37 @@ def _is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _parse(address: str) -> IPv4Address | IPv6Address | None:
+    """The IP address `address` spells, an IPv4-mapped IPv6 address as IPv4, without its zone."""
+    try:
+        ip = ip_address(address.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.scope_id is not None:
+            return IPv6Address(int(ip))
+    return ip
+
+
+def canonical_address(address: str) -> str:
+    """`address` in one spelling (`2001:DB8::1` is `2001:db8::1`, `::ffff:203.0.113.9` is
+    `203.0.113.9`, a zone is dropped); a string that is not an IP address comes back unchanged."""
+    ip = _parse(address)
+    return address if ip is None else ip.compressed
+
+
+def address_group(address: str) -> str:
+    """What bans, failure counts and per-address limits key on: an IPv4 address itself
+    (IPv4-mapped IPv6 too), an IPv6 address's /64 (`2001:db8::/64`), since one subscriber holds
+    a whole /64. A string that is not an IP address comes back unchanged."""
+    ip = _parse(address)
+    if ip is None:
+        return address
+    if isinstance(ip, IPv4Address):
+        return ip.compressed
+    prefix = _IPV6_GROUP_PREFIX
+    return IPv6Network((int(ip) >> (128 - prefix) << (128 - prefix), prefix)).compressed
