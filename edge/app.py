@@ -154,13 +154,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.raw_path.partition("?")[0]
+    clients = request.app[CLIENTS]
     record = RequestRecord(
         id=request_id(request.headers.get("X-Request-Id")),
         method=request.method,
         route=path[:256],
-        client=request.app[CLIENTS].of(request),
+        client=clients.of(request),
     )
-    ex = Exchange(path=path, record=record)
+    ex = Exchange(path=path, record=record, via_proxy=clients.is_proxy(request.remote))
     request[EXCHANGE] = ex
     try:
         response = await _dispatch(request, handler, ex)

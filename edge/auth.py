@@ -24,8 +24,8 @@ import structlog
 from aiohttp import hdrs, web
 
 from edge.bans import BanList
-from edge.errors import Banned, Forbidden, RateLimited, Unauthorized
-from edge.exchange import Exchange
+from edge.errors import Banned, Forbidden, RateLimited, Unauthorized, UnknownClient
+from edge.exchange import Exchange, address_group
 from edge.features import Feature
 from edge.keys import ApiKey, KeyStore
 from edge.limits import Buckets, Decision
@@ -39,7 +39,8 @@ log = structlog.get_logger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/demo"})
 _CHALLENGE = 'Bearer realm="backhaul"'
 _INVALID = 'Bearer realm="backhaul", error="invalid_token"'
-# Seconds between two "keys.none" log lines while requests keep arriving without a keys file.
+# Seconds between two "keys.none" (or "auth.unknown_client") log lines while requests keep
+# arriving without a keys file (or through a proxy that does not name its clients).
 _MISSING_LOG_INTERVAL_S = 60.0
 
 
@@ -60,10 +61,32 @@ class Guard:
         self.key_tpm = Buckets(settings.max_tracked_clients, clock)
         self.callers = Buckets(settings.max_tracked_clients, clock)  # per feature and caller
         self._missing_logged = -math.inf
+        self._unknown_logged = -math.inf
 
     def check_ban(self, ex: Exchange) -> None:
-        """Refuse a banned address before anything else (preflights too)."""
-        left = self.bans.banned_for(ex.record.client)
+        """Refuse a banned address before anything else (preflights too), and a request from a
+        trusted proxy that does not say which client it is from (`edge.exchange.ClientAddress`):
+        bans and per-address limits would otherwise fall on the proxy, that is on everyone."""
+        if ex.record.client is None and ex.via_proxy:
+            now = time.monotonic()
+            if now - self._unknown_logged >= _MISSING_LOG_INTERVAL_S:
+                self._unknown_logged = now
+                log.error(
+                    "auth.unknown_client",
+                    request_id=ex.id,
+                    hint="a trusted proxy sent a request without a usable X-Forwarded-For: "
+                    "set it as docs/deploy.md shows (nginx: proxy_set_header X-Forwarded-For "
+                    "$remote_addr;); these requests are refused 400 until then",
+                )
+            raise UnknownClient(
+                "the proxy in front of this server did not say which client the request is "
+                "from (X-Forwarded-For); its operator must fix the proxy's configuration"
+            )
+        self.refuse_banned(ex.record.client)
+
+    def refuse_banned(self, client: str | None) -> None:
+        """Raise `Banned` (with `Retry-After`) when `client`'s address is banned."""
+        left = self.bans.banned_for(client)
         if left is not None:
             raise Banned(
                 "too many failed authentications from this address; try again later",
@@ -162,7 +185,9 @@ class Guard:
         if feature is not None:
             limit = feature.rpm if feature.rpm is not None or key else self.anonymous_rpm
             if limit is not None:
-                caller = ("key", key.name) if key else ("addr", ex.record.client)
+                client = ex.record.client
+                address = address_group(client) if client is not None else None
+                caller = ("key", key.name) if key else ("addr", address)
                 who = f"feature '{feature.name}' from this {'key' if key else 'address'}"
                 checks.append((self.callers, (feature.name, caller), limit, who))
         if not checks:

@@ -3,15 +3,23 @@
 `threshold` failed authentications from one address within `window` seconds ban it for `period`
 seconds: every request from it is answered 403 `banned` (with `Retry-After`) before anything
 else is looked at, so it never reaches the model server. A failure is a key that was presented
-and did not authenticate (wrong, malformed, revoked, expired): a request without any key is
-refused 401 but is not a guess, and is not counted.
+and did not authenticate (wrong, malformed, revoked, expired; a wrong metrics token too): a
+request without any key is refused 401 but is not a guess, and is not counted.
+
+An "address" here is `edge.exchange.address_group`'s: one spelling per address (`2001:DB8::1` is
+`2001:db8::1`, `::ffff:203.0.113.9` is `203.0.113.9`), and a whole IPv6 /64 as one (one
+subscriber holds a /64; banning a single address of it would ban nothing). Every method takes
+any spelling and groups it itself.
 
 The ban list survives a restart: `run_saver()` (a task in the app's cleanup context) writes it
 to `path` whenever it changed, at most once per `_SAVE_INTERVAL_S`, from a thread, as a temporary
 file then `os.replace`, so a crash leaves the old list or the new one, never half of one; the
-cleanup writes it a last time. Every change happens on the event loop, so concurrent failures
-need no lock, and one writer means no two saves race. Both tables are bounded: at most
-`max_entries` bans (the oldest evicted first) and as many addresses with recent failures.
+cleanup writes it a last time. Loading skips a bad entry (with one warning for all of them) and
+keeps the rest; whenever it skips anything, a whole file that is not a ban list too, the file as
+it was is copied to `<path>.broken` first, which no save overwrites: no operator's data is lost
+to a typo. Every change happens on the event loop, so concurrent failures need no lock, and one
+writer means no two saves race. Both tables are bounded: at most `max_entries` bans (the oldest
+evicted first) and as many addresses with recent failures.
 
 Times are wall-clock seconds (`clock`, injectable) because a ban's end must mean the same after
 a restart.
@@ -23,11 +31,14 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from ipaddress import IPv6Network, ip_address, ip_network
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
 
+from edge.exchange import address_group
 from shared.atomic import replace_file
 
 log = structlog.get_logger(__name__)
@@ -35,6 +46,8 @@ log = structlog.get_logger(__name__)
 # Seconds between two writes of the ban file while bans keep coming (an attack from many
 # addresses): the list on disk is at most this old, and the disk is not hammered.
 _SAVE_INTERVAL_S = 1.0
+# The prefix of an IPv6 group in the file (edge.exchange.address_group).
+_IPV6_GROUP = 64
 
 
 class BanList:
@@ -67,6 +80,7 @@ class BanList:
         """Seconds left on `address`'s ban, or None when it is not banned."""
         if address is None or not self._bans:
             return None
+        address = address_group(address)
         end = self._bans.get(address)
         if end is None:
             return None
@@ -81,6 +95,7 @@ class BanList:
         """Count one failed authentication; True when it got `address` banned."""
         if address is None:
             return False
+        address = address_group(address)
         now = self.clock()
         times = self._failures.get(address)
         if times is None:
@@ -106,6 +121,7 @@ class BanList:
         return True
 
     def ban(self, address: str, until: float) -> None:
+        address = address_group(address)
         self._bans.pop(address, None)
         while len(self._bans) >= self.max_entries:
             self._bans.popitem(last=False)  # the oldest ban: it ends first
@@ -113,25 +129,59 @@ class BanList:
         self._dirty.set()
 
     def load(self) -> None:
-        """Read the bans saved by an earlier run; a missing or broken file is no bans."""
+        """Read the bans saved by an earlier run; see the module doc for a broken file."""
         if self.path is None:
             return
         try:
-            data = orjson.loads(self.path.read_bytes())
-            bans = data["bans"]
-            if not isinstance(bans, dict):
-                raise TypeError("'bans' is not an object")
-            now = self.clock()
-            live = sorted((float(end), str(addr)) for addr, end in bans.items() if end > now)
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
             log.error("bans.load_failed", path=str(self.path), error=str(exc))
             return
-        for end, address in live[-self.max_entries :]:
+        try:
+            bans = orjson.loads(raw)["bans"]
+            if not isinstance(bans, dict):
+                raise TypeError("'bans' is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("bans.load_failed", path=str(self.path), error=str(exc),
+                      kept=self._keep_aside(raw))  # fmt: skip
+            return
+        now = self.clock()
+        live: dict[str, float] = {}
+        bad: list[str] = []
+        for entry, end in bans.items():
+            address, until = _entry(entry, end)
+            if address is None or until is None:
+                bad.append(entry)
+            elif until > now:  # two addresses of one /64 are one ban: the later end holds
+                live[address] = max(until, live.get(address, until))
+        if bad:
+            log.warning(
+                "bans.entries_skipped",
+                path=str(self.path),
+                skipped=len(bad),
+                first=bad[:3],
+                kept=self._keep_aside(raw),
+                hint="each entry maps an IP address (or an IPv6 /64) to the ban's end in Unix "
+                "seconds; the others are loaded",
+            )
+        ordered = sorted((end, address) for address, end in live.items())
+        for end, address in ordered[-self.max_entries :]:
             self._bans[address] = end
         if live:
             log.info("bans.loaded", path=str(self.path), bans=len(self._bans))
+
+    def _keep_aside(self, raw: bytes) -> str | None:
+        """Copy the file as read to `<path>.broken`, which no save touches; its path, or None."""
+        assert self.path is not None
+        aside = self.path.with_name(self.path.name + ".broken")
+        try:
+            replace_file(aside, raw, 0o600)
+        except OSError as exc:
+            log.error("bans.keep_aside_failed", path=str(aside), error=str(exc))
+            return None
+        return str(aside)
 
     def snapshot(self) -> bytes:
         """The live bans as the file's bytes; taken on the event loop, which owns the tables."""
@@ -167,3 +217,22 @@ class BanList:
             await self._dirty.wait()
             await self.save()
             await asyncio.sleep(_SAVE_INTERVAL_S)  # pacing, not synchronisation
+
+
+def _entry(address: str, end: Any) -> tuple[str | None, float | None]:
+    """One saved ban as (address group, end); (None, None) when it is not one."""
+    if isinstance(end, bool) or not isinstance(end, int | float):
+        return None, None
+    if "/" in address:  # a saved IPv6 group, `2001:db8::/64`, as save() writes them
+        try:
+            network = ip_network(address.strip())
+        except ValueError:
+            return None, None
+        if not isinstance(network, IPv6Network) or network.prefixlen != _IPV6_GROUP:
+            return None, None
+        return network.compressed, float(end)
+    try:
+        ip_address(address.partition("%")[0].strip())  # a zone is no part of the address
+    except ValueError:
+        return None, None
+    return address_group(address), float(end)

@@ -4,6 +4,7 @@
 shared.errors.BackhaulError
 └── EdgeError                       status, type, message, headers
     ├── InvalidRequest      400 invalid_request
+    ├── UnknownClient       400 unknown_client   (a trusted proxy did not name the client)
     ├── Unauthorized        401 unauthorized
     ├── Forbidden           403 forbidden        (model or route not allowed)
     ├── Banned              403 banned           + Retry-After (too many failed authentications)
@@ -49,6 +50,10 @@ class EdgeError(BackhaulError):
 
 class InvalidRequest(EdgeError):
     status, type = 400, "invalid_request"
+
+
+class UnknownClient(EdgeError):
+    status, type = 400, "unknown_client"
 
 
 class Unauthorized(EdgeError):

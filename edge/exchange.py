@@ -34,6 +34,7 @@ class Exchange:
     upstream_s: float = 0.0  # seconds spent waiting on the upstream, for overhead_ms
     key: ApiKey | None = None  # the caller's API key once authenticated (edge.auth)
     rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.auth)
+    via_proxy: bool = False  # the peer is a trusted proxy: it is not the client (ClientAddress)
 
     @property
     def id(self) -> str:
@@ -58,39 +59,44 @@ def request_id(supplied: str | None) -> str:
 
 
 class ClientAddress:
-    """The client's address: the peer, or `X-Forwarded-For` when the peer is a trusted proxy."""
+    """The client's address: the peer, or what a trusted proxy says in `X-Forwarded-For`.
+
+    A peer outside `trusted` is the client, whatever headers it sends. A trusted proxy's
+    request names its client in `X-Forwarded-For`: the rightmost address there that is not
+    itself a trusted proxy is the one a client cannot forge (each proxy appends the address it
+    saw; a client can only write to the left of it). When a trusted proxy names no usable
+    address (no header, or the rightmost untrusted entry is not an IP address) the client is
+    unknown (None), never the proxy's own address: every client shares that one, so bans and
+    per-address limits keyed on it would hit them all (`edge.auth` refuses such a request).
+    """
 
     def __init__(self, trusted: list[str]) -> None:
         self._trusted: list[IPv4Network | IPv6Network] = [
             ip_network(net, strict=False) for net in trusted
         ]
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ip_address(address.strip())
-        except ValueError:
+    def is_proxy(self, address: str | None) -> bool:
+        """Whether `address` (a peer or a forwarded hop) is one of the trusted proxies."""
+        if not self._trusted or address is None:
             return False
-        return any(ip in net for net in self._trusted)
+        ip = _parse(address)
+        return ip is not None and any(ip in net for net in self._trusted)
 
     def of(self, request: web.Request) -> str | None:
+        """The client's address (`canonical_address`), or None when it is unknown."""
         peer = request.remote
-        if not self._trusted or peer is None or not self._is_trusted(peer):
-            return peer
+        if peer is None:  # a Unix socket
+            return None
+        if not self.is_proxy(peer):
+            return canonical_address(peer)
         forwarded = request.headers.getall("X-Forwarded-For", [])
         hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
-        # The rightmost address our proxies did not add is the one a client cannot forge.
         for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                return hop if _is_ip(hop) else peer
-        return hops[0] if hops else peer
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ip_address(value)
-    except ValueError:
-        return False
-    return True
+            if not self.is_proxy(hop):
+                return canonical_address(hop) if _parse(hop) is not None else None
+        # Every hop is a trusted proxy (a tool on the proxy's own host went through it): the
+        # leftmost is the first one, the client.
+        return canonical_address(hops[0]) if hops else None
 
 
 def _parse(address: str) -> IPv4Address | IPv6Address | None:

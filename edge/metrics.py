@@ -16,13 +16,21 @@ Each app has its own `CollectorRegistry` (the tests build many apps in one proce
 `observe()` never raises into the request path: a metrics bug is logged once and skipped.
 
 Access: `/metrics` answers a loopback peer that did not come through a proxy, or anyone with the
-metrics token (`BACKHAUL_EDGE_METRICS_TOKEN`, as `Authorization: Bearer ...`, compared in
-constant time). A TLS proxy on the same VPS connects from loopback, so a request carrying a
-forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`) is not treated as local.
+metrics token (`BACKHAUL_EDGE_METRICS_TOKEN`, at least 32 characters, as `Authorization: Bearer
+...`, compared in constant time). A TLS proxy on the same VPS connects from loopback too, so a
+request whose peer is a trusted proxy (`BACKHAUL_EDGE_TRUSTED_PROXIES`), or which carries any
+forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`), is never a local scraper: a
+proxy need not add one (nginx adds none unless told to). A wrong token is a guess: it counts
+towards a ban of the client's address like a wrong API key (`edge.bans`), and a banned address
+gets no metrics. Why not a second, loopback-only port instead: it would be one more listener to
+own, and the proxy's requests are already told apart by their peer; a Prometheus on the VPS
+behind a trusted loopback proxy sends the token, one line of its config.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import hmac
 from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import ip_address
@@ -37,7 +45,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
+from edge.auth import GUARD
 from edge.errors import Forbidden
+from edge.exchange import EXCHANGE
 from edge.ollama import canonical_model
 from edge.routes import BY_PATH
 from edge.state import GATE, SETTINGS, TELEMETRY, UPSTREAM
@@ -276,26 +286,52 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def may_scrape(peer: str | None, headers: Mapping[str, str], token: SecretStr | None) -> bool:
-    """Whether a scraper at `peer` with `headers` may read the metrics (see the module doc)."""
-    if token is not None:
-        scheme, _, supplied = headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        expected = token.get_secret_value().encode()
-        if scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), expected):
-            return True
-    if any(name in headers for name in _FORWARDING_HEADERS):
-        return False
+class Scrape(enum.Enum):
+    """What `/metrics` makes of a scrape (see the module doc)."""
+
+    ALLOWED = "allowed"
+    REFUSED = "refused"  # neither a local scraper nor the token
+    GUESS = "guess"  # a credential was sent and is not the token
+
+
+def scrape_access(
+    peer: str | None, headers: Mapping[str, str], token: SecretStr | None, via_proxy: bool
+) -> Scrape:
+    """Whether a scraper at `peer` with `headers` may read the metrics; `via_proxy`: the peer
+    is a trusted proxy."""
+    supplied = headers.get(hdrs.AUTHORIZATION)
+    if token is not None and supplied is not None:
+        scheme, _, secret = supplied.partition(" ")
+        # Digests of both, so the comparison's time says nothing about the token's length either.
+        expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+        offered = hashlib.sha256(secret.strip().encode()).digest()
+        right = hmac.compare_digest(offered, expected)  # before the scheme: one path for all
+        return Scrape.ALLOWED if right and scheme.lower() == "bearer" else Scrape.GUESS
+    if via_proxy or any(name in headers for name in _FORWARDING_HEADERS):
+        return Scrape.REFUSED
     try:
-        return peer is not None and ip_address(peer).is_loopback
+        local = peer is not None and ip_address(peer).is_loopback
     except ValueError:  # a Unix socket peer has no IP address
-        return False
+        local = False
+    return Scrape.ALLOWED if local else Scrape.REFUSED
 
 
 async def metrics(request: web.Request) -> web.Response:
     """`GET /metrics` in the format the scraper asks for (Prometheus text or OpenMetrics)."""
-    if not may_scrape(request.remote, request.headers, request.app[SETTINGS].metrics_token):
+    ex = request[EXCHANGE]
+    guard = request.app[GUARD]
+    client = ex.record.client
+    guard.refuse_banned(client)
+    token = request.app[SETTINGS].metrics_token
+    access = scrape_access(request.remote, request.headers, token, ex.via_proxy)
+    if access is Scrape.GUESS:
+        banned = guard.bans.fail(client)
+        log.warning("auth.failed", reason="metrics_token", client=client, request_id=ex.id,
+                    banned=banned)  # fmt: skip
+    if access is not Scrape.ALLOWED:
         raise Forbidden(
-            "metrics are served to loopback scrapers, or with the metrics token as a bearer token"
+            "metrics are served to loopback scrapers that do not come through a proxy, or with "
+            "the metrics token as a bearer token"
         )
     encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
     body = encoder(request.app[METRICS].registry)

@@ -12,6 +12,9 @@ from pydantic_settings import SettingsConfigDict
 
 from shared.settings import BackhaulSettings
 
+# 32 characters of `openssl rand -hex` are 128 bits: past guessing at any rate a ban allows.
+_MIN_METRICS_TOKEN_CHARS = 32
+
 
 class FeatureSettings(BaseModel):
     """One feature endpoint, `POST /features/{name}` (docs/features.md): the browser sends only
@@ -108,8 +111,12 @@ class EdgeSettings(BackhaulSettings):
     # Origins (`https://www.example.com`) whose web pages may call the edge from a browser.
     cors_origins: list[str] = []
     # Addresses or networks of proxies in front of the edge whose X-Forwarded-For is believed.
+    # A request from one of them must name its client there (else 400 `unknown_client`), and is
+    # never taken for a local /metrics scraper.
     trusted_proxies: list[str] = []
-    # Bearer token that lets a non-loopback scraper read /metrics; unset = loopback only.
+    # Bearer token that lets a scraper that is not local (or comes through a proxy) read
+    # /metrics; at least 32 characters (`openssl rand -hex 32`); unset = direct loopback only.
+    # A wrong one counts towards a ban, like a wrong API key.
     metrics_token: SecretStr | None = None
     # Serve the browser demo page (docs/demo.html) at /demo.
     demo_page: bool = False
@@ -177,6 +184,16 @@ class EdgeSettings(BackhaulSettings):
     def _valid_networks(cls, value: list[str]) -> list[str]:
         for item in value:
             ip_network(item, strict=False)
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < _MIN_METRICS_TOKEN_CHARS:
+            raise ValueError(
+                f"metrics_token must be at least {_MIN_METRICS_TOKEN_CHARS} characters, "
+                "make one with `openssl rand -hex 32`"
+            )
         return value
 
     @field_validator("features")

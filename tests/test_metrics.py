@@ -9,17 +9,21 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from edge.metrics import METRICS, OTHER, may_scrape
+from edge.metrics import METRICS, OTHER, Scrape, scrape_access
+from edge.settings import EdgeSettings
 from edge.state import GATE, SESSION, UPSTREAM
+from shared.errors import ConfigError
 from shared.telemetry import RequestRecord
 from tests.keyfiles import captured_logs
 from tests.servers import edge, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
+TOKEN = "metrics-token-0123456789abcdef0123"  # the 32 characters at least the edge takes
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -165,7 +169,7 @@ async def test_agent_connects_and_upstream_state(tmp_path: Path, http: aiohttp.C
 
 
 async def test_token_lets_a_proxied_scraper_in(tmp_path: Path, http: aiohttp.ClientSession):
-    async with simulator() as sim, edge(sim.url, tmp_path, metrics_token="s3cret-token") as e:
+    async with simulator() as sim, edge(sim.url, tmp_path, metrics_token=TOKEN) as e:
         # Through a TLS proxy on the same machine the peer is loopback, but the request is not
         # local: without the token it is refused.
         proxied = {"X-Forwarded-For": "198.51.100.7"}
@@ -173,10 +177,10 @@ async def test_token_lets_a_proxied_scraper_in(tmp_path: Path, http: aiohttp.Cli
             assert r.status == 403
             body = orjson.loads(await r.read())
             assert body["error"]["type"] == "forbidden"
-        bad = {**proxied, "Authorization": "Bearer s3cret-tokem"}
+        bad = {**proxied, "Authorization": f"Bearer {TOKEN[:-1]}x"}
         async with http.get(f"{e.url}/metrics", headers=bad) as r:
             assert r.status == 403
-        m = await scrape(http, e.url, Authorization="Bearer s3cret-token", **proxied)
+        m = await scrape(http, e.url, Authorization=f"Bearer {TOKEN}", **proxied)
         refused = value(
             m, "backhaul_requests_total", route="/metrics", status="403", model="", key=""
         )
@@ -186,21 +190,86 @@ async def test_token_lets_a_proxied_scraper_in(tmp_path: Path, http: aiohttp.Cli
         assert not (tmp_path / "telemetry.jsonl").exists()  # scrapes are not logged
 
 
+async def test_a_trusted_proxy_is_never_a_local_scraper(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    """nginx adds no forwarding header unless told to: its requests come from loopback and
+    look local. The peer being a trusted proxy is enough to need the token."""
+    trusted = {"trusted_proxies": ["127.0.0.1/32"], "metrics_token": TOKEN}
+    async with simulator() as sim, edge(sim.url, tmp_path, **trusted) as e:
+        async with http.get(f"{e.url}/metrics") as r:
+            assert r.status == 403
+            assert (await r.json())["error"]["type"] == "forbidden"
+        await scrape(http, e.url, Authorization=f"Bearer {TOKEN}")
+    # Without a token configured, nothing that comes through the proxy is ever served.
+    proxy_only = {"trusted_proxies": ["127.0.0.1/32"]}
+    async with (
+        simulator() as sim,
+        edge(sim.url, tmp_path, **proxy_only) as e,
+        http.get(f"{e.url}/metrics") as r,
+    ):
+        assert r.status == 403
+
+
+async def test_metrics_token_guesses_ban_the_guesser(tmp_path: Path, http: aiohttp.ClientSession):
+    trusted = {"trusted_proxies": ["127.0.0.1/32"], "metrics_token": TOKEN, "ban_threshold": 3}
+    guesser = {"X-Forwarded-For": "198.51.100.7"}
+    with captured_logs() as logs:
+        async with simulator() as sim, edge(sim.url, tmp_path, **trusted) as e:
+            for i in range(3):
+                wrong = {**guesser, "Authorization": f"Bearer {TOKEN[:-2]}{i:02d}"}
+                async with http.get(f"{e.url}/metrics", headers=wrong) as r:
+                    assert r.status == 403
+                    assert (await r.json())["error"]["type"] == "forbidden"
+            # Banned now: the right token does not help that address...
+            right = {**guesser, "Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"{e.url}/metrics", headers=right) as r:
+                assert r.status == 403
+                assert (await r.json())["error"]["type"] == "banned"
+                assert int(r.headers["Retry-After"]) > 0
+            # ...but another client behind the same proxy is served.
+            await scrape(
+                http, e.url, Authorization=f"Bearer {TOKEN}", **{"X-Forwarded-For": "198.51.100.8"}
+            )
+    failed = [x for x in logs if x["event"] == "auth.failed"]
+    assert [x["reason"] for x in failed] == ["metrics_token"] * 3
+    assert {x["client"] for x in failed} == {"198.51.100.7"}
+    assert TOKEN not in repr(logs) and TOKEN[:-2] not in repr(logs)
+
+
+def test_a_short_metrics_token_is_refused_at_start():
+    with pytest.raises(ConfigError, match="metrics_token must be at least 32 characters"):
+        EdgeSettings.load(metrics_token="s3cret-token")
+    assert EdgeSettings.load(metrics_token=TOKEN).metrics_token is not None
+
+
 def test_access_decision():
-    token = SecretStr("t0ken")
-    assert may_scrape("127.0.0.1", {}, None)
-    assert may_scrape("::1", {}, None)
-    assert not may_scrape("203.0.113.9", {}, None)
-    assert not may_scrape("203.0.113.9", {}, token)
-    assert not may_scrape("203.0.113.9", {"Authorization": "Bearer wrong"}, token)
-    assert not may_scrape("203.0.113.9", {"Authorization": "Basic t0ken"}, token)
-    assert may_scrape("203.0.113.9", {"Authorization": "Bearer t0ken"}, token)
-    assert may_scrape("203.0.113.9", {"Authorization": "bearer t0ken"}, token)
-    assert not may_scrape("203.0.113.9", {"Authorization": "Bearer t0ken"}, None)
-    assert not may_scrape("127.0.0.1", {"Forwarded": "for=198.51.100.7"}, None)
-    assert not may_scrape("127.0.0.1", {"X-Real-IP": "198.51.100.7"}, None)
-    assert not may_scrape(None, {}, None)
-    assert not may_scrape("not-an-ip", {}, None)
+    token = SecretStr(TOKEN)
+    right, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer wrong"}
+
+    def access(peer: str | None, headers: dict[str, str], token: SecretStr | None = None,
+               via_proxy: bool = False) -> Scrape:  # fmt: skip
+        return scrape_access(peer, headers, token, via_proxy)
+
+    assert access("127.0.0.1", {}) is Scrape.ALLOWED
+    assert access("::1", {}) is Scrape.ALLOWED
+    assert access("203.0.113.9", {}) is Scrape.REFUSED
+    assert access("203.0.113.9", {}, token) is Scrape.REFUSED
+    assert access("203.0.113.9", wrong, token) is Scrape.GUESS
+    assert access("203.0.113.9", {"Authorization": f"Basic {TOKEN}"}, token) is Scrape.GUESS
+    assert access("203.0.113.9", {"Authorization": f"Bearer {TOKEN[:-1]}"}, token) is Scrape.GUESS
+    assert access("203.0.113.9", right, token) is Scrape.ALLOWED
+    assert access("203.0.113.9", {"Authorization": f"bearer {TOKEN}"}, token) is Scrape.ALLOWED
+    assert access("203.0.113.9", right) is Scrape.REFUSED  # no token configured: no guess
+    assert access("127.0.0.1", {"Forwarded": "for=198.51.100.7"}) is Scrape.REFUSED
+    assert access("127.0.0.1", {"X-Real-IP": "198.51.100.7"}) is Scrape.REFUSED
+    # A trusted proxy's request carrying no forwarding header is still not local.
+    assert access("127.0.0.1", {}, via_proxy=True) is Scrape.REFUSED
+    assert access("127.0.0.1", {}, token, via_proxy=True) is Scrape.REFUSED
+    assert access("127.0.0.1", right, token, via_proxy=True) is Scrape.ALLOWED
+    assert access("127.0.0.1", wrong, token) is Scrape.GUESS  # a token sent must be right
+    assert access(None, {}) is Scrape.REFUSED
+    assert access("not-an-ip", {}) is Scrape.REFUSED
 
 
 async def test_labels_stay_bounded(tmp_path: Path):

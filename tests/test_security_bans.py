@@ -129,11 +129,66 @@ async def test_tables_stay_bounded_under_an_address_spray(tmp_path: Path):
     assert len(orjson.loads((tmp_path / "b.json").read_bytes())["bans"]) == 1000
 
 
-def test_a_broken_ban_file_is_no_bans(tmp_path: Path):
+def test_a_broken_ban_file_is_no_bans_and_is_kept_aside(tmp_path: Path):
     path = tmp_path / "b.json"
     path.write_text("{garbage")
     bans = BanList(path)
     with captured_logs() as logs:
         bans.load()
     assert len(bans) == 0
-    assert [x["event"] for x in logs] == ["bans.load_failed"]
+    [event] = logs
+    assert event["event"] == "bans.load_failed" and event["kept"] == f"{path}.broken"
+    assert (tmp_path / "b.json.broken").read_text() == "{garbage"
+
+
+async def test_a_bad_entry_is_skipped_and_the_others_kept(tmp_path: Path):
+    clock = Clock(now=1000.0)
+    path = tmp_path / "b.json"
+    good = {"203.0.113.9": 5000.0, "2001:db8::/64": 6000, "198.51.100.1": 900.0}  # last: over
+    bad = {"not-an-address": 5000.0, "192.0.2.7": "tomorrow", "10.0.0.0/8": 5000.0,
+           "2001:db8:1::/48": 5000.0, "192.0.2.8": None, "192.0.2.9": True}  # fmt: skip
+    original = orjson.dumps({"version": 1, "bans": {**bad, **good}})
+    path.write_bytes(original)
+    bans = BanList(path, clock=clock)
+    with captured_logs() as logs:
+        bans.load()
+    assert bans.banned_for("203.0.113.9") == pytest.approx(4000)
+    assert bans.banned_for("2001:db8::42") == pytest.approx(5000)
+    assert len(bans) == 2
+    [skipped] = [x for x in logs if x["event"] == "bans.entries_skipped"]  # one warning
+    assert skipped["skipped"] == len(bad) and skipped["first"] == list(bad)[:3]
+    assert (tmp_path / "b.json.broken").read_bytes() == original  # the operator's file, kept
+    # The next save keeps every good ban (and drops what is over).
+    await bans.save()
+    saved = orjson.loads(path.read_bytes())["bans"]
+    assert saved == {"203.0.113.9": 5000.0, "2001:db8::/64": 6000.0}
+
+
+def test_spellings_of_one_address_and_one_ipv6_64_are_one_client(tmp_path: Path):
+    bans = BanList(None, threshold=3, window=600, period=100, clock=Clock())
+    # IPv4 and its IPv4-mapped IPv6 spelling are the same client.
+    assert not bans.fail("203.0.113.9")
+    assert not bans.fail("::ffff:203.0.113.9")
+    assert bans.fail("::FFFF:cb00:7109")
+    assert bans.banned_for("203.0.113.9") is not None
+    assert bans.banned_for("::ffff:203.0.113.9") is not None
+    # Three addresses of one /64, spelled every way, are one client; the next /64 is not.
+    assert not bans.fail("2001:DB8::1")
+    assert not bans.fail("2001:db8:0:0:1234::9")
+    assert bans.fail("2001:0db8:0000:0000:ffff:ffff:ffff:fffe")
+    assert bans.banned_for("2001:db8::77") is not None
+    assert bans.banned_for("2001:db8:0:1::1") is None
+    assert bans.banned_for("203.0.113.10") is None
+
+
+def test_a_ban_file_with_raw_spellings_loads_grouped(tmp_path: Path):
+    path = tmp_path / "b.json"
+    raw = {"2001:DB8::1": 5000.0, "2001:db8::2": 5500.0, "::ffff:203.0.113.9": 5000.0}
+    path.write_bytes(orjson.dumps({"version": 1, "bans": raw}))
+    bans = BanList(path, clock=Clock(now=1000.0))
+    with captured_logs() as logs:
+        bans.load()
+    assert [x["event"] for x in logs] == ["bans.loaded"]
+    assert len(bans) == 2
+    assert bans.banned_for("2001:db8::abcd") == pytest.approx(4500)  # the later end holds
+    assert bans.banned_for("203.0.113.9") == pytest.approx(4000)
