@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent import simulator_gojson as gojson
 from agent import simulator_models as catalogue
 from agent import simulator_wire as wire
 
@@ -54,6 +55,10 @@ class SeenRequest:
     path: str
     body: Any  # the parsed JSON body; None when there was none or it was not JSON
     headers: CIMultiDictProxy[str]
+    # The body as Ollama's Go server decodes it into the route's request struct (by json tag,
+    # the fields set: `agent.simulator_gojson`); None without a body or a struct for the path.
+    # What the model server acted on: the edge's rules are checked against this.
+    decoded: dict[str, Any] | None = None
 
 
 @dataclass(eq=False)
@@ -133,7 +138,7 @@ class _State:
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def touch(self, model: str, keep_alive_s: float) -> None:
-        self.loaded[catalogue.canonical(model)] = time.time() + keep_alive_s
+        self.loaded[catalogue.model_key(model)] = time.time() + keep_alive_s
 
 
 SIM_STATS = web.AppKey("sim_stats", SimulatorStats)
@@ -215,7 +220,7 @@ async def _generate(
 async def _load(state: _State, job: wire.Job, reply: wire.Reply, keep_alive: float) -> web.Response:
     """An empty prompt (or no messages) loads the model, or with `keep_alive: 0` unloads it."""
     if keep_alive == 0:
-        state.loaded.pop(catalogue.canonical(job.model), None)
+        state.loaded.pop(catalogue.model_key(job.model), None)
         return _json(reply.done("", "unload", None))
     async with state.slots.hold():
         state.touch(job.model, keep_alive)
@@ -226,11 +231,9 @@ async def _native(request: web.Request, chat: bool) -> web.StreamResponse:
     state, body = request.app[_STATE], wire.request_object(request[_BODY])
     model = wire.require_model(body, state.models)
     options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise wire.WireError(400, "options must be an object")
     content = body.get("messages") if chat else body.get("prompt")
     prompt_tokens = wire.words(content) + (0 if chat else wire.words(body.get("system")))
-    limit = wire.int_field(options.get("num_predict"), "num_predict")
+    limit = gojson.option_int(options, "num_predict") or 0
     job = wire.Job(model, chat, body.get("stream") is not False, prompt_tokens, limit)
     if "completion" not in catalogue.facts(model).capabilities:
         raise wire.WireError(400, f'"{model}" does not support {"chat" if chat else "generate"}')
@@ -248,7 +251,8 @@ async def _openai(request: web.Request, chat: bool) -> web.StreamResponse:
     model = wire.require_model(body, state.models)
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    limit = wire.int_field(body.get("max_completion_tokens", body.get("max_tokens")), "max_tokens")
+    # Ollama reads `max_tokens` only; `max_completion_tokens` is ignored (ollama/ollama#7125).
+    limit = body.get("max_tokens") or 0
     job = wire.Job(model, chat, body.get("stream") is True, wire.words(content), limit)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{next(state.ids) % 999}"
     reply = wire.OpenAIReply(job, ident, int(time.time()), include_usage)
@@ -310,30 +314,36 @@ async def _catalogue(request: web.Request) -> web.Response:
         name = request.match_info["model"]
     if not isinstance(name, str) or not name:
         raise wire.WireError(400, "model is required")
-    if catalogue.canonical(name) not in state.models:
+    if catalogue.model_key(name) not in state.models:
         raise wire.WireError(404, f"model '{name}' not found")  # ShowHandler's wording
     if path == "/api/show":
         return _json(catalogue.show_body(name, modified))
     return _json(catalogue.openai_model(name, created))
 
 
-async def _read_body(request: web.Request) -> tuple[Any, str | None]:
+async def _read_body(request: web.Request) -> tuple[Any, dict[str, Any] | None, str | None]:
+    """The body parsed, the body decoded as Ollama would (`gojson`), and what was wrong."""
     raw = await request.read() if request.can_read_body else b""
     if not raw.strip():
-        return None, None
+        return None, None, None
     try:
-        return orjson.loads(raw), None
+        body = orjson.loads(raw)  # strict JSON first: Python's json takes NaN, Go does not
     except orjson.JSONDecodeError as exc:
-        return None, str(exc)
+        return None, None, str(exc)
+    try:
+        return body, gojson.decode(request.path, gojson.parse(raw)), None
+    except gojson.DecodeError as exc:
+        return body, None, str(exc)
 
 
 @web.middleware
 async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Record the request, apply Ollama's guards, render errors; count disconnects."""
     stats = request.app[SIM_STATS]
-    body, invalid = await _read_body(request)
-    request[_BODY] = body
-    stats.requests.append(SeenRequest(request.method, request.path, body, request.headers))
+    body, decoded, invalid = await _read_body(request)
+    request[_BODY] = body if decoded is None else decoded
+    seen = SeenRequest(request.method, request.path, body, request.headers, decoded)
+    stats.requests.append(seen)
     stats.active += 1
     stats._notify()
     try:
@@ -345,6 +355,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     except wire.WireError as exc:
         return _json(wire.error_body(request.path, exc.status, exc.message), exc.status)
+    except gojson.DecodeError as exc:  # an option of the wrong type, read after decoding
+        return _json(wire.error_body(request.path, 400, str(exc)), 400)
     except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
         return web.Response(status=404, text="404 page not found")  # gin's answer
     except (asyncio.CancelledError, ConnectionResetError):
@@ -365,7 +377,7 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     stats = SimulatorStats()
     app = web.Application(middlewares=[_observe], client_max_size=MAX_BODY_BYTES)
     app[SIM_STATS] = stats
-    served = frozenset(catalogue.canonical(m) for m in settings.models)
+    served = frozenset(catalogue.model_key(m) for m in settings.models)
     app[_STATE] = _State(settings, stats, _Slots(settings, stats), served)
     for path in ("/api/version", "/api/tags", "/api/ps", "/v1/models", "/v1/models/{model}"):
         app.router.add_get(path, _catalogue)

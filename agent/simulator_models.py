@@ -20,6 +20,42 @@ def canonical(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
+# Go's unicode.IsSpace (strings.TrimSpace), and encoding/json's and strings.EqualFold's folding
+# into ASCII: ASCII case, KELVIN SIGN, LONG S.
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+_GO_SPACE += "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_FOLD = str.maketrans(
+    {**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}, "\u212a": "k", "\u017f": "s"}
+)
+
+
+def model_key(name: str) -> str:
+    """What Ollama looks a model up by: the name trimmed, an explicit `:local` source dropped,
+    the default registry and namespace implied and every part compared case-insensitively
+    (internal/modelref `ParseRef`, server `getExistingName`)."""
+    name = name.strip(_GO_SPACE)
+    base, source = _source(name)
+    if source == "local":
+        name = base
+    key = canonical(name.translate(_FOLD))
+    return key.removeprefix("registry.ollama.ai/").removeprefix("library/")
+
+
+def is_cloud(name: str) -> bool:
+    """Whether Ollama would send this request to ollama.com (`:cloud`, or a `-cloud` tag)."""
+    return _source(name.strip(_GO_SPACE))[1] == "cloud"
+
+
+def _source(name: str) -> tuple[str, str | None]:
+    head, colon, tail = name.rpartition(":")
+    suffix = tail.strip(_GO_SPACE).translate(_FOLD)
+    if colon and suffix in ("cloud", "local"):
+        return head, suffix
+    if colon and "/" not in tail and suffix.endswith("-cloud"):
+        return name, "cloud"
+    return name, None
+
+
 @dataclass(frozen=True, slots=True)
 class ModelFacts:
     """What Ollama reports about one local model (for the defaults, close to the real ones)."""

@@ -314,11 +314,11 @@ def request_object(body: Any) -> dict[str, Any]:
 
 
 def require_model(body: dict[str, Any], served: Collection[str]) -> str:
-    """The model as the client spelled it; 400 if absent, 404 if not in `served` (canonical)."""
+    """The model as the client spelled it; 400 if absent, 404 if not in `served` (model keys)."""
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise WireError(400, "model is required")
-    if catalogue.canonical(name) not in served:
+    if catalogue.model_key(name) not in served:
         raise WireError(404, f'model "{name}" not found, try pulling it first')
     return name
 

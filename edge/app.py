@@ -14,12 +14,12 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from edge import auth, demo, features, metrics, proxy
+from edge import admission, auth, connections, demo, features, metrics, proxy
 from edge.body_limits import BodyLimits
+from edge.body_policy import BodyPolicy
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -27,20 +27,24 @@ from edge.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    UnsupportedMediaType,
     render,
 )
 from edge.exchange import EXCHANGE, ClientAddress, Exchange, request_id
 from edge.gate import Gate
 from edge.ollama import ModelPolicy
+from edge.protocol import SERVER_NAME
 from edge.routes import BY_PATH, ROUTES
 from edge.settings import EdgeSettings
 from edge.sshd import ssh_server_ctx
 from edge.state import (
     BODY_LIMITS,
+    BODY_POLICY,
     CLIENTS,
     GATE,
     MODELS,
     SESSION,
+    SESSIONS,
     SETTINGS,
     TELEMETRY,
     UPSTREAM,
@@ -87,10 +91,16 @@ def create_app(settings: EdgeSettings) -> web.Application:
         handler_args={
             "max_field_size": 16 * 1024,
             "keepalive_timeout": settings.keepalive_timeout,
+            # Never inflate a request body: a 255 KB gzip bomb would cost 157 MiB before the
+            # size check; a Content-Encoding is refused 415 instead (_refuse_encoded_body).
+            "auto_decompress": False,
         },
     )
     app[SETTINGS] = settings
     app[MODELS] = ModelPolicy(settings.models)
+    app[BODY_POLICY] = BodyPolicy(
+        app[MODELS], settings.max_output_tokens, settings.max_choices, settings.extra_fields
+    )
     app[BODY_LIMITS] = BodyLimits(
         max_prompt_chars=settings.max_prompt_chars,
         max_prompt_words=settings.max_prompt_words,
@@ -110,6 +120,7 @@ def create_app(settings: EdgeSettings) -> web.Application:
     auth.setup(app)
     features.setup(app)
     metrics.setup(app)
+    admission.setup(app)  # after metrics: it registers the listeners' own
     demo.setup(app)
     app.on_response_prepare.append(_response_headers)
     return app
@@ -120,29 +131,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TELEMETRY] = TelemetryWriter(
         settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
     )
-    timeout = aiohttp.ClientTimeout(
-        total=None,  # generation has no total bound; silence does (sock_read)
-        connect=settings.connect_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
-    )
-    # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
-    # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
     monitor = UpstreamMonitor(
         settings.upstream, settings.probe_interval, settings.probe_timeout, settings.retry_after
     )
     app[UPSTREAM] = monitor
-    async with aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        # The model server sets no cookies we want; skipping the jar saves work per request.
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
-    ) as session:
-        app[SESSION] = session
-        probe = asyncio.get_running_loop().create_task(monitor.run(session), name="probe")
+    async with connections.sessions(settings) as sessions:
+        app[SESSIONS], app[SESSION] = sessions, sessions.pooled
+        probe = asyncio.get_running_loop().create_task(monitor.run(sessions.pooled), name="probe")
         try:
             yield
         finally:
@@ -226,10 +221,25 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     match = request.match_info
     if match.http_exception is not None:
         raise match.http_exception
+    _refuse_encoded_body(request)
     try:
         return await handler(request)
     finally:
         guard.settle(ex)
+
+
+def _refuse_encoded_body(request: web.Request) -> None:
+    """A compressed body is refused before a byte of it is read: inflating it first would let
+    a small upload cost the edge its size limit many times over (a zip bomb)."""
+    if not request.body_exists:
+        return
+    for value in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
+        for coding in value.split(","):
+            if coding.strip().lower() not in ("", "identity"):
+                raise UnsupportedMediaType(
+                    f"request bodies must not be compressed (Content-Encoding: "
+                    f"{coding.strip()[:32]}); send plain JSON"
+                )
 
 
 def _preflight(request: web.Request, path: str, feature: features.Feature | None) -> web.Response:
@@ -251,7 +261,9 @@ def _preflight(request: web.Request, path: str, feature: features.Feature | None
 
 
 async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """On every response, errors and streams included: the request id and CORS headers."""
+    """On every response, errors and streams included: the request id and CORS headers, and a
+    `Server` header that names no software version (edge.protocol sets it on the rest)."""
+    response.headers[hdrs.SERVER] = SERVER_NAME
     ex: Exchange | None = request.get(EXCHANGE)
     if ex is not None:
         response.headers["X-Request-Id"] = ex.id

@@ -1,22 +1,23 @@
-"""Wire facts about the model server's API: validating and sanitising request bodies, filtering
-model lists (DESIGN.md §4 "Body sanitising").
+"""Wire facts about the model server's API: model names as Ollama reads them, which models a
+caller may use, and filtering model lists and details (DESIGN.md §4 "Body sanitising"; the body
+sent upstream is built by `edge.body_policy`).
 
-Everything here is a pure function on parsed JSON, so it is tested without a network. The facts
-behind each rule (which options force a reload, what `_debug_render_only` does, why `*-cloud`
-models are refused) are in ../shared/research/gateway-anchors.md §1.4.
+Everything here is a pure function, so it is tested without a network. The facts behind each
+rule (which options force a reload, why `*-cloud` models are refused) are in
+../shared/research/gateway-anchors.md §1.4; model names follow Ollama's internal/modelref and
+types/model/name.go.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from edge.errors import Forbidden, InvalidRequest
-from edge.routes import Kind, Route
+from edge.routes import Route
 
-# Options that Ollama applies only when it loads a model (api/types.go `Runner`): a caller that
-# varies them forces a reload and evicts everyone else's warm model.
+# Options that Ollama applies only when it loads a model (api/types.go `Runner`, and older
+# releases' fields): a caller that varies them forces a reload and evicts everyone else's warm
+# model.
 LOAD_TIME_OPTIONS = frozenset(
     {
         "num_ctx",
@@ -34,19 +35,8 @@ LOAD_TIME_OPTIONS = frozenset(
         "draft_num_predict",
     }
 )
-# Top-level fields nobody on the internet may set: `keep_alive` unloads the model for everyone.
-DROPPED_FIELDS = frozenset({"keep_alive"})
 # Fields of /api/show that reveal the owner's system prompts and templates.
 SHOW_FIELDS_KEPT = ("details", "model_info", "capabilities", "modified_at")
-
-
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
-    """What the edge learned from a request body, for routing, limits and telemetry."""
-
-    model: str | None
-    stream: bool
-    prompt_chars: int
 
 
 class ModelPolicy:
@@ -56,109 +46,89 @@ class ModelPolicy:
         self._allowed = frozenset(canonical_model(m) for m in allowed)
 
     def allows(self, model: str) -> bool:
-        name = canonical_model(model)
-        if is_cloud_model(name):
+        if is_cloud_model(model):
             return False
-        return not self._allowed or name in self._allowed
+        return not self._allowed or canonical_model(model) in self._allowed
+
+
+# Go's `unicode.IsSpace`, which `strings.TrimSpace` uses: Python's `str.strip()` also takes
+# \x1c-\x1f, which Ollama would keep as part of the name.
+GO_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+# Name parts compare with `strings.EqualFold` (Unicode simple folding): besides ASCII case only
+# KELVIN SIGN and LONG S fold to ASCII letters (every rune checked with Go's unicode.SimpleFold).
+_FOLD = str.maketrans(
+    {**{chr(c): chr(c + 32) for c in range(65, 91)}, "\u212a": "k", "\u017f": "s"}
+)
+_DEFAULT_HOST, _DEFAULT_NAMESPACE, _DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
+_MISSING = "!missing!"
 
 
 def canonical_model(name: str) -> str:
-    """`llama3.2` and `llama3.2:latest` are the same model to Ollama.
+    """The model `name` names to Ollama, spelled one way, for comparing names.
 
-    The tag is after a colon in the last path segment: `registry:5000/llama3` has none.
+    Ollama (internal/modelref, types/model/name.go, server `getExistingName`) trims the name,
+    takes an explicit `:local` suffix off, fills in the default registry, namespace and tag,
+    and matches each part case-insensitively: `LLAMA3.2`, ` library/llama3.2:latest` and
+    `registry.ollama.ai/library/llama3.2:local` are all `llama3.2:latest`. The default
+    registry and namespace are left out of the result. A cloud name keeps its tag (lower-cased),
+    so it never equals a local one; `is_cloud_model` tells them apart.
     """
-    return name if ":" in name.rpartition("/")[2] else f"{name}:latest"
+    base, source = _source_suffix(name.strip(GO_SPACE))
+    if source != "local":
+        base = name.strip(GO_SPACE)  # a cloud name keeps its tag
+    host = namespace = tag = ""
+    if base.rfind(":") > base.rfind("/"):  # a registry host's port is not a tag
+        base, tag = _cut(base, ":")
+    model = base
+    if "/" in base:
+        rest, model = _cut(base, "/")
+        namespace = rest
+        if "/" in rest:
+            rest, namespace = _cut(rest, "/")
+            scheme, sep, host = rest.partition("://")
+            host = host if sep else scheme
+    host, namespace = host or _DEFAULT_HOST, namespace or _DEFAULT_NAMESPACE
+    full = f"{model}:{tag or _DEFAULT_TAG}"
+    if host.translate(_FOLD) != _DEFAULT_HOST:
+        full = f"{host}/{namespace}/{full}"
+    elif namespace.translate(_FOLD) != _DEFAULT_NAMESPACE:
+        full = f"{namespace}/{full}"
+    return full.translate(_FOLD)
+
+
+def _cut(s: str, sep: str) -> tuple[str, str]:
+    """name.go's `cutPromised` on a name holding `sep`: split at the last one; an empty side is
+    a missing part, which makes the name invalid to Ollama (so it never equals a valid one)."""
+    before, _, after = s.rpartition(sep)
+    return before or _MISSING, after or _MISSING
 
 
 def is_cloud_model(name: str) -> bool:
-    """Cloud models run on ollama.com, billed to the workstation owner's account."""
-    tag = name.rpartition(":")[2]
-    return tag == "cloud" or tag.endswith("-cloud")
+    """Cloud models run on ollama.com, billed to the workstation owner's account.
 
-
-def sanitise(route: Route, body: Any, policy: ModelPolicy, max_output_tokens: int) -> RequestFacts:
-    """Check `body` for `route`, drop what callers may not set and cap output length, in place.
-
-    Error handling: a body that is not what the route accepts raises `InvalidRequest`; a model
-    outside the policy raises `Forbidden`. Nothing is sent upstream in either case.
+    As Ollama reads a name (internal/modelref `ParseRef`): after trimming, the text after the
+    last colon, trimmed and lower-cased, is `cloud` or ends in `-cloud`. A name with two source
+    suffixes (`x:cloud:local`) is an error to Ollama; here it counts as cloud too.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("'model' is required and must be a non-empty string")
-    if not policy.allows(model):
-        raise Forbidden(f"model '{model}' is not allowed here")
-    stream = body.get("stream", route.kind is Kind.GENERATE and not route.openai)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false")
-    for name in list(body):
-        if name in DROPPED_FIELDS or name.startswith("_"):
-            del body[name]  # `_debug_render_only` returns the rendered system prompt
-    options = body.get("options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise InvalidRequest("'options' must be an object")
-        for name in LOAD_TIME_OPTIONS.intersection(options):
-            del options[name]
-    if route.kind is Kind.GENERATE:
-        _cap_output(route, body, max_output_tokens)
-    return RequestFacts(model=model, stream=stream, prompt_chars=_prompt_chars(route, body))
+    base, source = _source_suffix(name.strip(GO_SPACE))
+    return source == "cloud" or (source == "local" and _source_suffix(base)[1] is not None)
 
 
-def _cap_output(route: Route, body: dict[str, Any], cap: int) -> None:
-    if route.openai:
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = body.get(name)
-            if value is not None and not _is_int(value):
-                raise InvalidRequest(f"'{name}' must be an integer")
-            if value is not None and value > cap:
-                body[name] = cap
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = cap
-        return
-    options = body.setdefault("options", {})
-    value = options.get("num_predict")
-    if value is not None and not _is_int(value):
-        raise InvalidRequest("'options.num_predict' must be an integer")
-    # Ollama reads -1 (and -2) as "until the context is full": an unbounded GPU bill.
-    if value is None or value < 0 or value > cap:
-        options["num_predict"] = cap
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _prompt_chars(route: Route, body: dict[str, Any]) -> int:
-    total = 0
-    for name in ("prompt", "system", "suffix", "input"):
-        total += _text_chars(body.get(name), f"'{name}'")
-    messages = body.get("messages")
-    if messages is not None:
-        if not isinstance(messages, list):
-            raise InvalidRequest("'messages' must be a list")
-        for message in messages:
-            if not isinstance(message, dict):
-                raise InvalidRequest("each message must be an object")
-            total += _text_chars(message.get("content"), "message 'content'")
-    return total
-
-
-def _text_chars(value: Any, what: str) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):  # OpenAI content parts, embedding input lists
-        total = 0
-        for part in value:
-            if isinstance(part, str):
-                total += len(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
-    raise InvalidRequest(f"{what} must be a string or a list")
+def _source_suffix(raw: str) -> tuple[str, str | None]:
+    """`(base, "cloud" | "local" | None)`: modelref's `parseSourceSuffix`."""
+    head, colon, tail = raw.rpartition(":")
+    if not colon:
+        return raw, None
+    suffix = tail.strip(GO_SPACE).translate(_FOLD)
+    if suffix in ("cloud", "local"):
+        return head, suffix
+    if "/" not in tail and suffix.endswith("-cloud"):
+        return f"{head}:{tail.strip(GO_SPACE)[: -len('-cloud')]}", "cloud"
+    return raw, None
 
 
 def filter_models(route: Route, body: Any, allows: Callable[[str], bool]) -> Any:

@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import hdrs, web
 
-from edge import body_limits, ollama, relay
+from edge import body_limits, connections, ollama, relay
 from edge.errors import (
     Forbidden,
     InvalidRequest,
@@ -36,7 +36,7 @@ from edge.errors import (
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.routes import Kind, Route
-from edge.state import BODY_LIMITS, GATE, MODELS, SESSION, SETTINGS, UPSTREAM
+from edge.state import BODY_LIMITS, BODY_POLICY, GATE, MODELS, SESSIONS, SETTINGS, UPSTREAM
 from edge.upstream import State, UpstreamMonitor
 from shared import usage
 from shared.usage import Usage
@@ -59,13 +59,19 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         settings = app[SETTINGS]
         # Read before the gate, so a client trickling its body never holds a GPU slot.
         body = await _read_json(request, ex, settings.max_body_bytes, settings.body_timeout)
-        facts = ollama.sanitise(route, body, app[MODELS], settings.max_output_tokens)
+        # The upstream gets the body the edge built, never the client's bytes: the checks
+        # below hold in the model server's reading because it reads only what they checked.
+        built = app[BODY_POLICY].build(route, body)
+        facts = built.facts
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
-        body_limits.check(body, app[BODY_LIMITS])
-        if ex.key is not None and facts.model and not ex.key.allows_model(facts.model):
+        body_limits.check(built.body, app[BODY_LIMITS])
+        if ex.key is not None and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
-        payload = orjson.dumps(body)
+        try:
+            payload = orjson.dumps(built.body)
+        except orjson.JSONEncodeError:  # orjson writes 255 levels at most, reads 1,024
+            raise InvalidRequest("the request body is nested too deeply") from None
     response = await forward(request, ex, route, payload)
     return await _send_large(request, ex, response, app[SETTINGS].write_timeout)
 
@@ -181,11 +187,12 @@ async def _forward(
     if payload is not None:
         headers[hdrs.CONTENT_TYPE] = "application/json"
     ex.record.upstream = settings.upstream
+    url = settings.upstream + route.path
     t0 = time.perf_counter()
     with map_upstream_errors(monitor):
         async with monitor.waiting(settings.read_timeout):
-            upstream = await app[SESSION].request(
-                route.method, settings.upstream + route.path, data=payload, headers=headers
+            upstream = await connections.send(
+                app[SESSIONS], ex.record, route.method, url, payload, headers
             )
     ex.record.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 3)
     try:

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from edge.body_policy import check_extra_fields
 from shared.settings import BackhaulSettings
 
 # 32 characters of `openssl rand -hex` are 128 bits: past guessing at any rate a ban allows.
@@ -139,6 +140,13 @@ class EdgeSettings(BackhaulSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     # Output cap forced onto num_predict / max_tokens; a caller can ask for less, never more.
     max_output_tokens: int = Field(4096, ge=1)
+    # Answers one request may ask for: `n` (or `best_of`) times the prompts of a /v1/completions
+    # prompt array; more is a 400. The output cap is shared between them.
+    max_choices: int = Field(1, ge=1)
+    # Request fields the edge drops that the model server should get anyway, passed as the
+    # client sends them: top-level names (`cache_prompt`) or options (`options.mirostat`); JSON
+    # list. Never a field the edge reads or refuses itself (docs/security.md).
+    extra_fields: list[str] = []
     # Context-bomb limits on what the model is asked to read (edge.body_limits); 413 past them.
     # Words are whitespace-separated runs; a token-id array counts a word a token.
     max_prompt_words: int = Field(50_000, ge=1)
@@ -159,6 +167,12 @@ class EdgeSettings(BackhaulSettings):
     # Seconds to receive a whole request body, else 408 `request_timeout` (a 20 MB body needs
     # 2.7 Mbit/s to make it). The body is read before the gate: a trickle never holds a slot.
     body_timeout: float = Field(60.0, gt=0)
+    # Connections to the HTTP port (docs/security.md, "Connection limits"), refused at accept
+    # past these: in total (0 = derived from the descriptor limit, leaving room for what each
+    # request opens behind it and for the SSH port), and from one address (an IPv6 /64 counts
+    # as one). Trusted proxies are exempt from the per-address cap, not from the total.
+    max_connections: int = Field(0, ge=0)
+    max_connections_per_address: int = Field(256, ge=1)
 
     # Seconds. Connect is to a loopback port: if it takes more than 2 s something is wrong.
     connect_timeout: float = Field(2.0, gt=0)
@@ -178,6 +192,33 @@ class EdgeSettings(BackhaulSettings):
     # Server keepalive: a silent agent is dropped after interval x (count_max + 1) seconds.
     ssh_keepalive_interval: float = Field(10.0, gt=0)
     ssh_keepalive_count_max: int = Field(3, ge=1)
+    # Seconds a client has to authenticate: an agent needs milliseconds, a slow link a second.
+    ssh_login_timeout: float = Field(5.0, gt=0)
+    # Limits on the SSH port, refused at accept before any key exchange: unauthenticated
+    # connections as sshd's MaxStartups (`start:rate:full`: past `start`, refuse `rate`% of new
+    # ones, rising to all at `full`; or one number: a plain cap) and from one address (sshd's
+    # PerSourceMaxStartups), connections in all, and handshakes one address may start (`burst`
+    # at once, then `rate` a second; each costs the edge about 2 ms of CPU).
+    ssh_max_startups: str = Field("10:30:100", pattern=r"^\d+(:\d+:\d+)?$")
+    ssh_max_startups_per_address: int = Field(3, ge=1)
+    ssh_max_connections: int = Field(128, ge=1)
+    ssh_handshake_rate: float = Field(1.0, gt=0)
+    ssh_handshake_burst: int = Field(10, ge=1)
+
+    @field_validator("ssh_max_startups")
+    @classmethod
+    def _valid_startups(cls, value: str) -> str:
+        parts = [int(p) for p in value.split(":")]
+        if len(parts) == 3 and not (1 <= parts[0] < parts[2] and parts[1] <= 100):
+            raise ValueError("ssh_max_startups start:rate:full: 1 <= start < full, rate <= 100")
+        if parts[0] < 1:
+            raise ValueError("ssh_max_startups must be at least 1")
+        return value
+
+    @field_validator("extra_fields")
+    @classmethod
+    def _extra_fields(cls, value: list[str]) -> list[str]:
+        return check_extra_fields(value)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -9,6 +9,8 @@ import aiohttp
 from aiohttp import web
 
 from edge.body_limits import BodyLimits
+from edge.body_policy import BodyPolicy
+from edge.connections import Sessions
 from edge.exchange import ClientAddress
 from edge.gate import Gate
 from edge.ollama import ModelPolicy
@@ -17,10 +19,12 @@ from edge.telemetry import TelemetryWriter
 from edge.upstream import UpstreamMonitor
 
 SETTINGS = web.AppKey("settings", EdgeSettings)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+SESSION = web.AppKey("session", aiohttp.ClientSession)  # the pooled one of SESSIONS
+SESSIONS = web.AppKey("sessions", Sessions)
 TELEMETRY = web.AppKey("telemetry", TelemetryWriter)
 UPSTREAM = web.AppKey("upstream", UpstreamMonitor)
 GATE = web.AppKey("gate", Gate)
 MODELS = web.AppKey("models", ModelPolicy)
+BODY_POLICY = web.AppKey("body_policy", BodyPolicy)
 BODY_LIMITS = web.AppKey("body_limits", BodyLimits)
 CLIENTS = web.AppKey("clients", ClientAddress)

@@ -1,13 +1,11 @@
-"""The body rules on their own: what is dropped, capped, refused (no network needed)."""
+"""The wire facts on their own: model names as Ollama reads them, cloud models, model lists and
+usage figures (no network needed). The body built for upstream is tests/test_body_policy.py's."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
-from edge.errors import Forbidden, InvalidRequest
-from edge.ollama import ModelPolicy, filter_models, is_cloud_model, sanitise
+from edge.ollama import ModelPolicy, canonical_model, filter_models, is_cloud_model
 from edge.routes import BY_PATH
 from shared import usage
 
@@ -20,9 +18,16 @@ OPEN = ModelPolicy([])
         ("gpt-oss:120b-cloud", True),
         ("qwen3-coder:480b-cloud", True),
         ("kimi:cloud", True),
+        # Ollama trims the name and lower-cases the tag before it looks for "cloud".
+        ("gpt-oss:120b-CLOUD", True),
+        ("gpt-oss:cloud ", True),
+        (" kimi: Cloud", True),
+        ("x:cloud:local", True),  # two sources: an error to Ollama, refused here
         ("llama3.2:1b", False),
         ("cloudy-model:7b", False),
         ("llama3.2", False),
+        ("llama3.2:local", False),
+        ("registry.local:5000/cloud", False),
     ],
 )
 def test_cloud_models(name: str, cloud: bool):
@@ -40,33 +45,29 @@ def test_latest_tag_is_the_same_model():
     assert not registry.allows("registry.local:5000/team/llama3:8b")
 
 
-def test_native_output_cap_and_unlimited_requests():
-    for asked, sent in ((None, 100), (-1, 100), (-2, 100), (10**9, 100), (20, 20)):
-        body: dict[str, Any] = {"model": "m", "prompt": "p"}
-        if asked is not None:
-            body["options"] = {"num_predict": asked}
-        sanitise(BY_PATH["/api/generate"], body, OPEN, 100)
-        assert body["options"]["num_predict"] == sent
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "llama3.2:1b",
+        "LLAMA3.2:1B",  # Ollama matches each part of a name case-insensitively
+        " llama3.2:1b\n",  # and trims it (Go's whitespace)
+        "library/llama3.2:1b",  # the default namespace and registry
+        "registry.ollama.ai/library/llama3.2:1b",
+        "https://registry.ollama.ai/library/llama3.2:1b",
+        "llama3.2:1b:local",  # an explicit local source is the same model
+    ],
+)
+def test_spellings_of_one_model_are_one_model(spelling: str):
+    assert canonical_model(spelling) == "llama3.2:1b"
+    assert ModelPolicy(["llama3.2:1b"]).allows(spelling)
 
 
-def test_openai_output_cap():
-    body: dict[str, Any] = {"model": "m", "messages": [], "max_completion_tokens": 10**6}
-    sanitise(BY_PATH["/v1/chat/completions"], body, OPEN, 100)
-    assert body["max_completion_tokens"] == 100 and "max_tokens" not in body
-
-
-def test_embeddings_are_not_capped_and_not_streamed():
-    body: dict[str, Any] = {"model": "m", "input": ["a", "bb"], "keep_alive": "1h"}
-    facts = sanitise(BY_PATH["/api/embed"], body, OPEN, 100)
-    assert body == {"model": "m", "input": ["a", "bb"]}
-    assert facts.stream is False and facts.prompt_chars == 3
-
-
-def test_refusals():
-    with pytest.raises(Forbidden):
-        sanitise(BY_PATH["/api/chat"], {"model": "a:b-cloud"}, OPEN, 1)
-    with pytest.raises(InvalidRequest):
-        sanitise(BY_PATH["/api/chat"], {"model": " "}, OPEN, 1)
+def test_other_names_stay_other():
+    only = ModelPolicy(["llama3.2:1b"])
+    for name in ("llama3.2:1b\x1c", "llama3.2:", "/llama3.2:1b", "team/llama3.2:1b", "llama3.2"):
+        assert not only.allows(name), name
+    # KELVIN SIGN and LONG S fold to k and s in Go's EqualFold, as in a JSON key.
+    assert canonical_model("\u212aimi:2b-\u017fft") == "kimi:2b-sft"
 
 
 def test_filter_models_keeps_only_allowed():

@@ -20,6 +20,7 @@ import ollama
 import openai
 import pytest
 
+from agent import simulator_gojson as gojson
 from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
 from agent.simulator_app import BUSY
 
@@ -101,7 +102,7 @@ async def test_openai_sdk_chat_completions_embeddings_models(sim: RunningSimulat
             whole = await client.chat.completions.create(
                 model="llama3.2:1b", messages=messages, max_tokens=2
             )
-            capped = await client.chat.completions.create(
+            uncapped = await client.chat.completions.create(
                 model="llama3.2:1b", messages=messages, max_completion_tokens=1
             )
             completion = await client.completions.create(model="qwen2.5:0.5b", prompt="once upon")
@@ -133,7 +134,9 @@ async def test_openai_sdk_chat_completions_embeddings_models(sim: RunningSimulat
     assert whole.choices[0].message.content == "The quick"
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage is not None and whole.usage.total_tokens == 3 + 2
-    assert capped.usage is not None and capped.usage.completion_tokens == 1
+    # Ollama reads max_tokens only (ollama/ollama#7125): the openai SDK's current parameter
+    # caps nothing, so the edge must send max_tokens itself.
+    assert uncapped.usage is not None and uncapped.usage.completion_tokens == 5
     assert completion.object == "text_completion"
     assert completion.choices[0].text == "The quick brown fox jumps"
     assert cchunks[-1].choices == [] and cchunks[-1].usage is not None
@@ -326,3 +329,64 @@ async def test_cli_serves_until_sigterm(http: aiohttp.ClientSession) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# What Go 1.19's encoding/json made of each body, decoding into structs shaped like Ollama's
+# (run once by hand; the Go program is not part of the suite).
+GO_READINGS: list[tuple[str, bytes, dict[str, Any]]] = [
+    ("/api/generate", b'{"model":"a","MODEL":"b"}', {"model": "b"}),
+    ("/api/generate", b'{"MODEL":"b","model":"a"}', {"model": "a"}),
+    ("/api/generate", b'{"model":"a","model":"b"}', {"model": "b"}),
+    ("/api/generate", b'{"model":"a","model":null}', {"model": "a"}),  # null: no change
+    ("/api/generate", b'{"model":"a","\\u212aeep_alive":"0"}', {"model": "a", "keep_alive": "0"}),
+    ("/api/generate", b'{"\\u017fystem":"s","\\u0131mages":["x"]}', {"system": "s"}),
+    (
+        "/api/generate",
+        b'{"options":{"a":1},"options":{"b":2},"OPTIONS":{"a":3}}',
+        {"options": {"a": 3, "b": 2}},  # objects merge into a map field
+    ),
+    ("/api/generate", b'{"options":{"a":1},"options":null}', {}),
+    (
+        "/v1/chat/completions",
+        b'{"stream_options":{"include_usage":true},"stream_options":{}}',
+        {"stream_options": {"include_usage": True}},  # and into a struct
+    ),
+    (
+        "/api/chat",
+        b'{"messages":[{"role":"u","content":"x"},{"role":"v"}],"messages":[{"Content":"y"}]}',
+        {"messages": [{"role": "u", "content": "y"}]},  # a list decodes over the old one
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "read"), GO_READINGS)
+def test_bodies_are_read_as_go_reads_them(path: str, raw: bytes, read: dict[str, Any]) -> None:
+    assert gojson.decode(path, gojson.parse(raw)) == read
+
+
+def test_wrong_types_are_go_s_400s() -> None:
+    with pytest.raises(gojson.DecodeError, match=r"GenerateRequest\.model of type string"):
+        gojson.decode("/api/generate", gojson.parse(b'{"Model": 5}'))
+    with pytest.raises(gojson.DecodeError, match="of type int"):
+        gojson.decode("/v1/completions", gojson.parse(b'{"max_tokens": 1.5}'))
+    assert gojson.option_int({"num_predict": 7.9}, "num_predict") == 7  # FromMap truncates
+    assert gojson.option_int({"num_predict": 1e30}, "num_predict") == -(2**63)
+
+
+async def test_the_simulator_acts_on_its_go_reading(
+    sim: RunningSimulator, http: aiohttp.ClientSession
+) -> None:
+    body = b'{"model":"x","MODEL":"LLAMA3.2:1B","prompt":"hi","Stream":false,'
+    body += b'"options":{"num_predict":2},"Options":{"temperature":1}}'
+    async with asyncio.timeout(LIMIT_S):
+        async with http.post(f"{sim.url}/api/generate", data=body) as resp:
+            answer = await resp.json()
+    assert (resp.status, answer["eval_count"]) == (200, 2)
+    [seen] = [r for r in sim.stats.requests if r.path == "/api/generate"]
+    assert seen.body["model"] == "x"  # Python's reading: the edge must never rely on it
+    assert seen.decoded == {
+        "model": "LLAMA3.2:1B",
+        "prompt": "hi",
+        "stream": False,
+        "options": {"num_predict": 2, "temperature": 1},
+    }
