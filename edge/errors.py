@@ -4,6 +4,7 @@
 shared.errors.BackhaulError
 └── EdgeError                       status, type, message, headers
     ├── InvalidRequest      400 invalid_request
+    ├── BadHttpRequest      400 bad_http_request  (not valid HTTP: answered by edge.protocol)
     ├── UnknownClient       400 unknown_client   (a trusted proxy did not name the client)
     ├── Unauthorized        401 unauthorized
     ├── Forbidden           403 forbidden        (model or route not allowed)
@@ -12,8 +13,10 @@ shared.errors.BackhaulError
     ├── MethodNotAllowed    405 method_not_allowed
     ├── RequestTimeout      408 request_timeout   (the body did not arrive within body_timeout)
     ├── PayloadTooLarge     413 payload_too_large
+    ├── UnsupportedMediaType 415 unsupported_media_type (a compressed request body)
     ├── RateLimited         429 rate_limited      + Retry-After
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
+    ├── UpstreamError       5xx upstream_error    (the model server's own 5xx, body withheld)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
     ├── InvalidModelOutput  502 invalid_model_output (a feature's answer broke its JSON schema)
     ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
@@ -56,6 +59,10 @@ class UnknownClient(EdgeError):
     status, type = 400, "unknown_client"
 
 
+class BadHttpRequest(EdgeError):
+    status, type = 400, "bad_http_request"
+
+
 class Unauthorized(EdgeError):
     status, type = 401, "unauthorized"
 
@@ -84,12 +91,22 @@ class PayloadTooLarge(EdgeError):
     status, type = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(EdgeError):
+    status, type = 415, "unsupported_media_type"
+
+
 class RateLimited(EdgeError):
     status, type = 429, "rate_limited"
 
 
 class InternalError(EdgeError):
     status, type = 500, "internal_error"
+
+
+class UpstreamError(EdgeError):
+    """The model server answered 5xx; `status` is set to its status, its body is not sent."""
+
+    status, type = 502, "upstream_error"
 
 
 class UpstreamUnavailable(EdgeError):

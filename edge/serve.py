@@ -15,6 +15,7 @@ from aiohttp import web
 
 from edge.app import create_app
 from edge.auth import GUARD
+from edge.protocol import EdgeRunner
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 from shared import runtime
@@ -65,7 +66,7 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
     `started` is set once the listener is up (the demo and tests wait on it).
     """
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = EdgeRunner(app, handler_cancellation=True, access_log=None)
     notifier = Notifier.from_env(SystemdEnv())
     await runner.setup()
     runtime.tune_gc()

@@ -21,14 +21,16 @@ from aiohttp.typedefs import Handler
 from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
 from edge.app import create_app
 from edge.exchange import EXCHANGE
+from edge.protocol import EdgeRunner
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 
 
 @asynccontextmanager
 async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Run `app` on 127.0.0.1 port 0 as production does; yield its base URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    """Run `app` on 127.0.0.1 port 0 as production does (the edge's runner serves any app);
+    yield its base URL."""
+    runner = EdgeRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import structlog
 
 from tests.servers import edge, simulator
 
@@ -155,3 +156,102 @@ async def test_wrong_method_is_405_json(tmp_path: Path, http: aiohttp.ClientSess
             assert r.status == 405
             assert (await r.json())["error"]["type"] == "method_not_allowed"
         assert reached_upstream(sim) == []
+
+
+SECRET = "bh_" + "S" * 43
+
+
+async def raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` as is and read one answer (by its Content-Length)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").rstrip().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        body = await reader.readexactly(int(headers["content-length"]))
+    writer.close()
+    await writer.wait_closed()
+    return int(status_line.split()[1]), headers, body
+
+
+MALFORMED = [
+    # bare-LF line endings (RFC 9112 wants CRLF), with a key in them
+    f"POST /api/generate HTTP/1.1\nHost: x\nAuthorization: Bearer {SECRET}\n\n".encode(),
+    b"GET /api/tags HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",  # space in a header name
+    b"G\x00T / HTTP/1.1\r\n\r\n",  # not a method
+    b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n",  # request line over the limit
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED, ids=["bare-lf", "header", "method", "long"])
+async def test_malformed_requests_are_one_event_and_a_json_400(
+    tmp_path: Path, data: bytes, caplog: pytest.LogCaptureFixture
+):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        with structlog.testing.capture_logs() as logs:
+            status, headers, body = await raw_exchange(e.url, data)
+        assert status == 400
+        assert headers["server"] == "backhaul"
+        assert headers["content-type"].startswith("application/json")
+        error = orjson.loads(body)["error"]  # OpenAI's shape: there is no route to go by
+        assert error["type"] == "bad_http_request" and error["request_id"]
+        assert SECRET.encode() not in body
+        [event] = [x for x in logs if x["event"] == "http.bad_request"]
+        assert event["client"] == "127.0.0.1" and event["suppressed"] == 0
+        assert SECRET not in repr(logs)
+        # aiohttp's own logger said nothing: no traceback, no raw bytes.
+        assert [r for r in caplog.records if r.name.startswith("aiohttp")] == []
+        assert await e.records() == []  # not a request: no telemetry line
+        assert reached_upstream(sim) == []
+
+
+async def test_a_flood_of_malformed_requests_is_a_few_events(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(50):
+                status, _, _ = await raw_exchange(e.url, MALFORMED[0])
+                assert status == 400
+        events = [x for x in logs if x["event"] == "http.bad_request"]
+        assert 1 <= len(events) <= 6
+        # The edge still serves, and says no version on an ordinary answer either.
+        async with http.get(f"{e.url}/api/tags") as r:
+            assert r.status == 200
+            assert r.headers["Server"] == "backhaul"
+
+
+async def test_compressed_body_is_415_before_it_is_read(tmp_path: Path):
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        # Headers announce 10 MB of gzip that never comes: the answer comes at once anyway.
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            "Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            "Content-Length: 10000000\r\nX-Request-Id: gz\r\n\r\n"
+        )
+        status, _, body = await raw_exchange(e.url, head.encode())
+        assert status == 415
+        assert orjson.loads(body)["error"]["type"] == "unsupported_media_type"
+        # Invalid gzip is the same 415, not a 500 with a traceback.
+        bad = b"\x1f\x8bnot gzip at all"
+        head = (
+            "POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Encoding: GZIP\r\nContent-Length: {len(bad)}\r\nX-Request-Id: bad\r\n\r\n"
+        )
+        status, _, body = await raw_exchange(e.url, head.encode() + bad)
+        assert status == 415 and orjson.loads(body)["type"] == "unsupported_media_type"
+        for rid in ("gz", "bad"):
+            record = await e.record(rid)
+            assert record["status"] == 415 and record["bytes_in"] == 0
+        # identity is not an encoding.
+        plain = orjson.dumps({"model": "llama3.2:1b", "prompt": "x", "stream": False})
+        head = (
+            "POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Encoding: identity\r\nContent-Length: {len(plain)}\r\n\r\n"
+        )
+        status, _, _ = await raw_exchange(e.url, head.encode() + plain)
+        assert status == 200
+        assert reached_upstream(sim) == ["/api/generate"]
