@@ -16,7 +16,6 @@ shared.errors.BackhaulError
     ├── UnsupportedMediaType 415 unsupported_media_type (a compressed request body)
     ├── RateLimited         429 rate_limited      + Retry-After
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
-    ├── UpstreamError       5xx upstream_error    (the model server's own 5xx, body withheld)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
     ├── InvalidModelOutput  502 invalid_model_output (a feature's answer broke its JSON schema)
     ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
@@ -101,12 +100,6 @@ class RateLimited(EdgeError):
 
 class InternalError(EdgeError):
     status, type = 500, "internal_error"
-
-
-class UpstreamError(EdgeError):
-    """The model server answered 5xx; `status` is set to its status, its body is not sent."""
-
-    status, type = 502, "upstream_error"
 
 
 class UpstreamUnavailable(EdgeError):
