@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from edge.admission import LISTENERS, GuardedSite, raise_fd_limit
 from edge.app import create_app
 from edge.auth import GUARD
 from edge.protocol import EdgeRunner
@@ -49,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"backhaul-edge: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)  # type: ignore[arg-type]
-    runtime.run(serve(settings))
+    try:
+        runtime.run(serve(settings))
+    except ConfigError as exc:  # a file found wrong at start (keys, telemetry): say which, stop
+        log.error("edge.refused_to_start", error=str(exc))
+        return 2
     return 0
 
 
@@ -65,6 +70,8 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
 
     `started` is set once the listener is up (the demo and tests wait on it).
     """
+    # Before the app: its HTTP connection cap is derived from the limit (edge.admission).
+    nofile = raise_fd_limit()
     app = create_app(settings)
     runner = EdgeRunner(app, handler_cancellation=True, access_log=None)
     notifier = Notifier.from_env(SystemdEnv())
@@ -73,12 +80,20 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        http = app[LISTENERS].http
+        site = GuardedSite(runner, settings.host, settings.port, http)
         await site.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _on_sighup, app)
-        log.info("edge.listening", address=site.name, upstream=settings.upstream)
+        log.info(
+            "edge.listening",
+            address=site.name,
+            upstream=settings.upstream,
+            fd_limit=nofile,
+            max_connections=http.total,
+            max_connections_per_address=http.per_address,
+        )
         # systemd (Type=notify): ready once the listener is up; the watchdog is fed from this
         # loop, so a wedged loop gets the edge restarted, not only a dead process.
         notifier.ready(f"serving on {site.name}")

@@ -13,6 +13,11 @@ is bound), as frp's runID and rathole do, so there is never a stale bind to wait
 keepalives drop a silent agent after interval x (count_max + 1). Presence is exact: the
 `UpstreamMonitor` hears `True` when a forward is bound and `False` when its connection ends.
 asyncssh sets TCP_NODELAY on the SSH socket and on every forwarded socket, so no Nagle stall.
+
+The listener is the edge's own (`loop.create_server`), with asyncssh's connection behind
+`edge.admission.guarded`: a connection past the caps (per address, in total, unauthenticated
+ones as sshd's MaxStartups, handshakes per address) is closed at accept, before asyncssh does any
+work for it. Only modern algorithms are offered (`KEX_ALGS`, `MAC_ALGS`, `CIPHER_ALGS`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import asyncssh
 import structlog
 from aiohttp import web
 
+from edge.admission import LISTENERS, Admission, Ticket, guarded, ssh_admission
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS, UPSTREAM
 from shared.errors import ConfigError
@@ -37,8 +43,34 @@ log = structlog.get_logger(__name__)
 
 # The disconnect reason an agent sees when it is replaced (agent/errors.py matches this text).
 REPLACED_REASON = "replaced by a newer connection with the same key"
-# Seconds a client has to authenticate: an agent does it in milliseconds.
-_LOGIN_TIMEOUT_S = 20.0
+# Algorithms offered, strongest first, each kept only if this asyncssh supports it: hybrid
+# post-quantum and curve25519 key exchange, NIST curves and the larger finite-field groups for
+# old clients; encrypt-then-MAC with SHA-2 only. No SHA-1 (`diffie-hellman-group14-sha1`,
+# `hmac-sha1`), no 64-bit tags (`umac-64`), no CBC ciphers.
+_KEX_PREFERRED = (
+    "mlkem768x25519-sha256",
+    "sntrup761x25519-sha512",
+    "sntrup761x25519-sha512@openssh.com",
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+)
+MAC_ALGS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com")
+CIPHER_ALGS = (
+    "chacha20-poly1305@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-gcm@openssh.com",
+    "aes256-ctr",
+    "aes128-ctr",
+)
+KEX_ALGS = tuple(alg for alg in _KEX_PREFERRED if alg.encode() in asyncssh.kex.get_kex_algs())
+# Connections the kernel may queue for accept (as edge.admission's HTTP listener).
+_BACKLOG = 1024
 # Seconds to wait for a replaced connection to release the port before refusing the new bind.
 _REPLACE_TIMEOUT_S = 2.0
 
@@ -97,7 +129,8 @@ class EmbeddedSSHServer:
         self.connections: set[AgentConnection] = set()
         self._by_key: dict[str, AgentConnection] = {}
         self.holder: AgentConnection | None = None
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.admission: Admission = ssh_admission(settings)
+        self._listener: asyncio.Server | None = None
         self.fingerprint = ""
         self.host_public_key = ""
         self.present = False  # an agent holds the forward
@@ -105,8 +138,9 @@ class EmbeddedSSHServer:
 
     @property
     def port(self) -> int:
-        assert self._acceptor is not None, "start() first"
-        return self._acceptor.get_port()
+        assert self._listener is not None, "start() first"
+        port: int = self._listener.sockets[0].getsockname()[1]
+        return port
 
     async def start(self) -> None:
         """Listen; logs the host key's fingerprint and known_hosts line for the agent to pin."""
@@ -114,14 +148,15 @@ class EmbeddedSSHServer:
         key = load_or_create_host_key(s.ssh_host_key)
         self.fingerprint = key.get_fingerprint("sha256")
         self.host_public_key = key.export_public_key("openssh").decode().strip()
-        self._acceptor = await asyncssh.listen(
-            s.ssh_host,
-            self._port,
+        options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: _AgentServer(self),
             server_host_keys=[key],
+            kex_algs=list(KEX_ALGS),
+            mac_algs=list(MAC_ALGS),
+            encryption_algs=list(CIPHER_ALGS),
             keepalive_interval=s.ssh_keepalive_interval,
             keepalive_count_max=s.ssh_keepalive_count_max,
-            login_timeout=_LOGIN_TIMEOUT_S,
+            login_timeout=s.ssh_login_timeout,
             allow_pty=False,
             agent_forwarding=False,
             x11_forwarding=False,
@@ -131,6 +166,15 @@ class EmbeddedSSHServer:
             gss_host=None,
             host_based_auth=False,
             compression_algs=None,
+        )
+        loop = asyncio.get_running_loop()
+
+        def connection() -> asyncssh.SSHServerConnection:
+            # What asyncssh.listen() makes per accepted connection; built only once admitted.
+            return asyncssh.SSHServerConnection(loop, options)
+
+        self._listener = await loop.create_server(
+            guarded(connection, self.admission), s.ssh_host, self._port, backlog=_BACKLOG
         )
         bind = f"{self.bind[0]}:{self.bind[1]}"
         log.info(
@@ -155,12 +199,14 @@ class EmbeddedSSHServer:
         self._presence(present)
 
     async def close(self) -> None:
-        """Stop listening, then close every agent connection (they outlive the listener)."""
-        if self._acceptor is not None:
-            self._acceptor.close()
-            await self._acceptor.wait_closed()
+        """Stop listening, then close every connection (they outlive the listener)."""
+        if self._listener is not None:
+            self._listener.close()
         for agent in list(self.connections):
             agent.conn.close()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        self.admission.close()
         for agent in list(self.connections):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -176,7 +222,9 @@ class EmbeddedSSHServer:
 
     # Called by _AgentServer.
 
-    def authenticated(self, agent: AgentConnection) -> None:
+    def authenticated(self, agent: AgentConnection, ticket: Ticket | None) -> None:
+        if ticket is not None:
+            self.admission.authenticated(ticket)  # no longer counts as a startup
         old = self._by_key.get(agent.fingerprint)
         self._by_key[agent.fingerprint] = agent
         log.info("sshd.agent_connected", peer=agent.peer, key=agent.fingerprint)
@@ -252,9 +300,11 @@ class _AgentServer(asyncssh.SSHServer):
         self._agent: AgentConnection | None = None
         self._keys: asyncssh.SSHAuthorizedKeys | None = None
         self._accepted_key = ""
+        self._ticket: Ticket | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername") or ("?", 0)
+        self._ticket = self._server.admission.ticket(peer)
         self._agent = AgentConnection(conn, peer=f"{peer[0]}:{peer[1]}")
         self._server.connections.add(self._agent)
 
@@ -285,7 +335,7 @@ class _AgentServer(asyncssh.SSHServer):
     def auth_completed(self) -> None:
         assert self._agent is not None
         self._agent.fingerprint = self._accepted_key
-        self._server.authenticated(self._agent)
+        self._server.authenticated(self._agent, self._ticket)
 
     def session_requested(self) -> bool:
         self._refuse("session (shell, exec, subsystem, pty)")
@@ -330,6 +380,7 @@ async def ssh_server_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     server = EmbeddedSSHServer(settings, monitor.set_agent_present)
     await server.start()
+    app[LISTENERS].others.append(server.admission)
     app[SSH_SERVER] = server
     try:
         yield

@@ -13,8 +13,9 @@ import asyncssh
 import pytest
 
 from agent.simulator import running_simulator
-from edge.sshd import SSH_SERVER, EmbeddedSSHServer
+from edge.sshd import CIPHER_ALGS, SSH_SERVER, EmbeddedSSHServer
 from edge.state import SESSION, UPSTREAM
+from tests import flood
 from tests.servers import free_port
 from tests.sshd_fixtures import (
     GEN,
@@ -161,3 +162,113 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             assert (await r.json())["type"] == "agent_unavailable"
         assert time.monotonic() - start < 0.5
         assert (await e.record("agent-gone"))["type"] == "agent_unavailable"
+
+
+# Hardening (issue 8): old algorithms, the login timeout, and the caps at accept.
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        {"kex_algs": ["diffie-hellman-group14-sha1"]},
+        {"kex_algs": ["diffie-hellman-group-exchange-sha1"]},
+        # With a cipher that needs a MAC (an AEAD cipher would make the MAC moot).
+        {"mac_algs": ["umac-64@openssh.com"], "encryption_algs": ["aes128-ctr"]},
+        {"mac_algs": ["umac-64-etm@openssh.com"], "encryption_algs": ["aes128-ctr"]},
+        {"mac_algs": ["hmac-sha1"], "encryption_algs": ["aes128-ctr"]},
+        {"encryption_algs": ["aes128-cbc"]},
+    ],
+)
+async def test_old_algorithms_are_refused(tmp_path: Path, offer: dict[str, list[str]]):
+    key = authorize_agent(tmp_path)
+    async with embedded_server(tmp_path, free_port()) as vps:
+        with pytest.raises(asyncssh.KeyExchangeFailed):
+            async with asyncssh.connect(
+                "127.0.0.1",
+                vps.port,
+                username="anyone",
+                client_keys=[key],
+                known_hosts=([asyncssh.import_public_key(vps.server.host_public_key)], [], []),
+                config=[],
+                agent_path=None,
+                **offer,
+            ):
+                pass
+        async with connect(vps, key) as conn:  # a modern client still gets in
+            assert conn.get_extra_info("recv_cipher") in CIPHER_ALGS
+
+
+async def banner(port: int, source: str) -> bytes:
+    """Connect from `source`: the server's version line, or b"" when it is refused at accept."""
+    reader, writer = await flood.connect(port, source)
+    try:
+        async with asyncio.timeout(5):
+            return await reader.readline()
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_silent_client_is_dropped_after_the_login_timeout(tmp_path: Path):
+    async with embedded_server(tmp_path, free_port(), ssh_login_timeout=0.5) as vps:
+        reader, writer = await flood.connect(vps.port)
+        try:
+            async with asyncio.timeout(5):  # 20 s before: every idle connection held a slot
+                assert (await reader.readline()).startswith(b"SSH-2.0-")
+                while await reader.read(4096):
+                    pass
+        except ConnectionResetError:
+            pass
+        finally:
+            writer.close()
+
+
+async def test_one_address_is_capped_at_accept_and_the_agent_still_gets_in(tmp_path: Path):
+    key = authorize_agent(tmp_path)
+    settings = {"ssh_max_startups_per_address": 3, "ssh_max_startups": "50"}
+    async with embedded_server(tmp_path, free_port(), **settings) as vps:
+        held = [await flood.connect(vps.port) for _ in range(3)]
+        try:
+            for reader, _ in held:
+                assert (await reader.readline()).startswith(b"SSH-2.0-")
+            assert await banner(vps.port, flood.ATTACKER) == b""  # refused before a byte
+            async with connect(vps, key):  # from 127.0.0.1; logged in, it no longer counts:
+                local = [await flood.connect(vps.port, "127.0.0.1") for _ in range(3)]
+                try:
+                    for reader, _ in local:
+                        assert (await reader.readline()).startswith(b"SSH-2.0-")
+                finally:
+                    flood.close_all([w for _, w in local])
+        finally:
+            flood.close_all([w for _, w in held])
+        assert vps.server.admission.refused["per_address"] == 1
+
+
+async def test_unauthenticated_connections_are_capped_like_max_startups(tmp_path: Path):
+    key = authorize_agent(tmp_path)
+    async with embedded_server(tmp_path, free_port(), ssh_max_startups="3") as vps:
+        held = [await flood.connect(vps.port, f"127.0.0.{n}") for n in (2, 3, 4)]
+        try:
+            for reader, _ in held:
+                assert (await reader.readline()).startswith(b"SSH-2.0-")
+            assert await banner(vps.port, "127.0.0.5") == b""  # a 4th from anywhere
+            held.pop()[1].close()
+            async with asyncio.timeout(5):
+                await vps.server.admission.wait_open(2)
+            async with connect(vps, key):  # once logged in, it no longer counts
+                assert vps.server.admission.unauthenticated == 2
+                assert (await banner(vps.port, "127.0.0.6")).startswith(b"SSH-2.0-")
+        finally:
+            flood.close_all([w for _, w in held])
+        assert vps.server.admission.refused["startups"] == 1
+
+
+async def test_handshakes_per_address_are_rate_limited(tmp_path: Path):
+    settings = {"ssh_handshake_rate": 0.001, "ssh_handshake_burst": 2}
+    async with embedded_server(tmp_path, free_port(), **settings) as vps:
+        assert (await banner(vps.port, flood.ATTACKER)).startswith(b"SSH-2.0-")
+        assert (await banner(vps.port, flood.ATTACKER)).startswith(b"SSH-2.0-")
+        assert await banner(vps.port, flood.ATTACKER) == b""  # none open, but too many started
+        assert (await banner(vps.port, "127.0.0.1")).startswith(b"SSH-2.0-")
+        assert vps.server.admission.refused["handshake_rate"] == 1

@@ -38,6 +38,8 @@ def test_unit_has_the_directives_the_design_relies_on(name: str):
     assert unit["Unit"]["After"] == "network-online.target"
     assert unit["Unit"]["Wants"] == "network-online.target"
     assert service["ExecStart"].startswith(INSTALLED_BIN)
+    # systemd's default soft limit (1,024) let one client exhaust the edge's descriptors.
+    assert int(service["LimitNOFILE"]) >= 65536
 
 
 def test_agent_unit_gets_its_key_as_a_credential():

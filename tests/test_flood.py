@@ -1,0 +1,143 @@
+"""No anonymous take-down (issue 8): one address holding thousands of connections to each of
+the edge's ports does not stop a normal client from being served, through the tunnel.
+
+The edge runs as a process of its own, started with systemd's default soft descriptor limit
+(1,024) under a higher hard one, as a unit without `LimitNOFILE` gets it. Before the fix 1,100
+idle connections to either port exhausted its descriptors and every tunnelled request failed.
+The attacker connects from 127.0.0.2, the agent and the normal client from 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.simulator import running_simulator
+from tests import flood
+from tests.servers import free_port
+from tests.sshd_fixtures import GEN, agent_settings, authorize_agent, running_tunnel
+
+BIN = Path(sys.executable).parent
+SOFT = 1024  # systemd's default soft limit
+HARD = 4096  # the edge raises its soft limit to this
+PER_ADDRESS = 256  # the edge's default max_connections_per_address
+SSH_PER_ADDRESS = 3  # its default ssh_max_startups_per_address
+
+
+@contextmanager
+def edge_process(tmp_path: Path, bind: int, hard: int) -> Iterator[tuple[int, int, int]]:
+    """`backhaul-edge serve` with its SSH server on; yields (pid, HTTP port, SSH port) once it
+    has said READY=1."""
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    port, ssh_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": str(notify_path),
+        "BACKHAUL_EDGE_PORT": str(port),
+        "BACKHAUL_EDGE_SSH_PORT": str(ssh_port),
+        "BACKHAUL_EDGE_SSH_HOST_KEY": str(tmp_path / "ssh_host_ed25519_key"),
+        "BACKHAUL_EDGE_AGENT_KEYS": str(tmp_path / "agent_keys"),
+        "BACKHAUL_EDGE_AUTH": "none",
+        "BACKHAUL_EDGE_UPSTREAM": f"http://127.0.0.1:{bind}",
+        "BACKHAUL_EDGE_TELEMETRY_PATH": str(tmp_path / "t.jsonl"),
+        "BACKHAUL_EDGE_KEYS_PATH": str(tmp_path / "keys.json"),
+        "BACKHAUL_EDGE_BANS_PATH": str(tmp_path / "bans.json"),
+        "BACKHAUL_EDGE_LOG_FORMAT": "json",
+        "BACKHAUL_EDGE_LOG_LEVEL": "warning",
+    }
+
+    def systemd_default() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(SOFT, hard), hard))
+
+    with (tmp_path / "edge.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "backhaul-edge"), "serve"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=systemd_default,
+        )
+    try:
+        assert "READY=1" in notify.recv(4096).decode()
+        yield proc.pid, port, ssh_port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        notify.close()
+
+
+async def refusals(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
+    """listener -> connections the edge refused at accept, from its /metrics."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "backhaul_connections_refused_total":
+                listener = sample.labels["listener"]
+                counts[listener] = counts.get(listener, 0.0) + sample.value
+    return counts
+
+
+async def test_a_normal_client_is_served_while_one_address_floods_both_ports(tmp_path: Path):
+    nofile = flood.raise_own_fd_limit()
+    hard = min(HARD, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    # Two sockets per flood connection in this process would be too many: the edge's ends are
+    # in its own process. Thousands when the limit allows, always more than the caps.
+    count = min(3000, (nofile - 256) // 2)
+    assert count > PER_ADDRESS + SSH_PER_ADDRESS, f"descriptor limit {nofile} is too low"
+    authorize_agent(tmp_path)
+    bind = free_port()
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with running_simulator() as sim, aiohttp.ClientSession(timeout=timeout) as http:
+        with (
+            edge_process(tmp_path, bind, hard) as (pid, port, ssh_port),
+            flood.held(port, count),
+            flood.held(ssh_port, count),
+        ):
+            # Until the edge has refused what is past its caps (bounded: the old edge never did,
+            # and what follows is what shows it).
+            with suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    while True:
+                        seen = await refusals(http, port)
+                        if (
+                            seen.get("http", 0) >= count - PER_ADDRESS
+                            and seen.get("ssh", 0) >= count - SSH_PER_ADDRESS
+                        ):
+                            break
+                        await asyncio.sleep(0.1)
+            host_key = (tmp_path / "ssh_host_ed25519_key.pub").read_text().strip()
+            agent = agent_settings(
+                tmp_path, ssh_port, f"127.0.0.1:{bind}", sim.url, pinned=host_key
+            )
+            # The agent gets in and binds its forward, and a request goes through it.
+            async with (
+                running_tunnel(agent, up_within=20),
+                http.post(f"http://127.0.0.1:{port}/api/generate", json=GEN) as r,
+            ):
+                assert r.status == 200, await r.text()
+                assert (await r.json())["done"] is True
+            # The flood holds about a per-address cap's worth of the edge's descriptors.
+            assert len(os.listdir(f"/proc/{pid}/fd")) < SOFT
+            seen = await refusals(http, port)
+    assert seen["http"] >= count - PER_ADDRESS
+    assert seen["ssh"] >= count - SSH_PER_ADDRESS
