@@ -164,6 +164,12 @@ class EdgeMetrics:
             ["kind", "model", "key"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "backhaul_upstream_retries",
+            "Requests resent on a new connection because a reused one to the model server was "
+            "dead before any answer (a server that closes kept-alive connections).",
+            registry=r,
+        )
         r.register(_LiveCollector(app))
 
     def observe(self, record: RequestRecord) -> None:
@@ -195,6 +201,8 @@ class EdgeMetrics:
             child(self.tokens, "prompt", model, key).inc(record.prompt_tokens)
         if record.tokens:
             child(self.tokens, "completion", model, key).inc(record.tokens)
+        if record.upstream_retries:
+            self.upstream_retries.inc(record.upstream_retries)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, remembered: `labels()` validates and locks on every call,

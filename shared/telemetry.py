@@ -39,6 +39,7 @@ class RequestRecord:
     outcome: str = "ok"  # ok, error, client_gone, upstream_broken
     stream: bool = False
     upstream: str | None = None
+    upstream_retries: int = 0  # resends on a new connection after a reused one was dead
     queue_ms: float | None = None
     ttfb_ms: float | None = None
     elapsed_ms: float = 0.0

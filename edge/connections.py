@@ -1,0 +1,177 @@
+"""The edge's HTTP connections to the model server: the pool, how long an idle one is kept, and
+the one resend on a new connection when a kept-alive one turns out to be dead.
+
+Why a resend at all: a model server may close a kept-alive connection whenever it likes
+(llama.cpp's `llama-server` closes after every streamed answer while advertising
+`Keep-Alive: timeout=5`; any server closes idle ones on its own schedule, or on a restart). Its
+close takes a moment to come back through the tunnel, and a request written onto the connection
+in that moment dies before any byte of an answer: the client would get a 502 from a healthy
+server. Go's `net/http` client and nginx (`proxy_next_upstream`) resend such a request on a new
+connection; so does the edge, once (`send()`).
+
+Why it is safe for POST here: the request failed before any byte of a response arrived, on a
+connection the server had already given up, so the server did not start it; and the edge relays
+only inference and listing routes, none of which changes the model server's state (`pull`,
+`create`, `delete` and the like are never proxied), so even a request the server had read and
+dropped would only be computed again, for a client that has seen nothing of the first one.
+
+How the edge knows a connection was reused: aiohttp's per-request tracing tells, for the
+connection each request got, whether it came from the pool (`on_connection_reuseconn`) or was
+opened for it (`on_connection_create_end`). The resend goes through a second session whose
+connector never pools (`force_close`), so it is certain to be a new connection, never another
+pooled one that died the same way.
+
+aiohttp already resends an idempotent request (GET) once by itself, on whatever connection the
+pool gives; the edge's resend applies when the last connection tried was a reused one, so a GET
+is sent at most three times, the last on a new connection, and a POST at most twice.
+
+Resource handling: both sessions are opened and closed by `sessions()`, in the app's cleanup
+context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp.http import RawResponseMessage
+
+from edge.settings import EdgeSettings
+from shared.telemetry import RequestRecord
+
+log = structlog.get_logger(__name__)
+
+# Seconds an idle connection stays in the pool: below the idle time of every model server we
+# know, so the edge is the one that gives an idle connection up, not the server under a request.
+# llama.cpp's llama-server (cpp-httplib): keep-alive timeout 5 s. vLLM (uvicorn):
+# timeout_keep_alive 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). Ollama (Go net/http, an http.Server
+# with no IdleTimeout or ReadTimeout in server/routes.go): no idle limit at all. A server that
+# closes sooner, or after every answer, is what `send()` is for.
+POOL_IDLE_S = 4.0
+
+
+# How a dead connection shows, before any response: the peer's close, a reset (or a broken pipe)
+# while reading or writing, or a write onto a transport aiohttp already saw closing.
+_DEAD_CONNECTION = (
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientConnectionResetError,
+)
+
+
+class Attempt:
+    """What tracing saw of one request's connection: reused from the pool, or new."""
+
+    __slots__ = ("connections", "reused")
+
+    def __init__(self) -> None:
+        self.reused = False
+        self.connections = 0  # connections this request was given (aiohttp may resend a GET)
+
+
+async def _on_reuse(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, Attempt):
+        attempt.reused = True
+        attempt.connections += 1
+
+
+async def _on_create(_session: aiohttp.ClientSession, ctx: SimpleNamespace, _params: Any) -> None:
+    attempt = ctx.trace_request_ctx
+    if isinstance(attempt, Attempt):
+        attempt.reused = False
+        attempt.connections += 1
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_on_reuse)
+    config.on_connection_create_end.append(_on_create)
+    config.freeze()
+    return config
+
+
+def replayable(exc: BaseException, attempt: Attempt) -> bool:
+    """Whether a request that failed with `exc` before its response headers may be sent again:
+    it died on a reused connection, by a close or a reset, before any byte of an answer."""
+    if not attempt.reused or isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        # aiohttp hands over what it had parsed of an unfinished answer: part of one came.
+        return not isinstance(exc.message, RawResponseMessage)
+    return isinstance(exc, _DEAD_CONNECTION)
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """The pooled session every request uses, and the one that only ever opens new
+    connections, for the resend."""
+
+    pooled: aiohttp.ClientSession
+    fresh: aiohttp.ClientSession
+
+
+async def send(
+    sessions: Sessions,
+    record: RequestRecord,
+    method: str,
+    url: str,
+    data: bytes | None,
+    headers: dict[str, str],
+) -> aiohttp.ClientResponse:
+    """Send one request upstream and return its response, headers read; resend it once, on a
+    new connection, if a reused one was found dead (module doc). `record.upstream_retries`
+    counts the resends, aiohttp's own included.
+
+    Error handling: aiohttp's errors propagate unchanged; `edge.proxy.map_upstream_errors`
+    translates them.
+    """
+    attempt = Attempt()
+    try:
+        return await sessions.pooled.request(
+            method, url, data=data, headers=headers, trace_request_ctx=attempt
+        )
+    except _DEAD_CONNECTION as exc:
+        if not replayable(exc, attempt):
+            raise
+        log.info(
+            "edge.upstream_resend",
+            request_id=record.id,
+            error=str(exc) or type(exc).__name__,
+        )
+    finally:
+        record.upstream_retries = max(0, attempt.connections - 1)
+    record.upstream_retries += 1
+    return await sessions.fresh.request(method, url, data=data, headers=headers)
+
+
+@asynccontextmanager
+async def sessions(settings: EdgeSettings) -> AsyncIterator[Sessions]:
+    """Open the two sessions to the model server; close them on exit."""
+    timeout = aiohttp.ClientTimeout(
+        total=None,  # generation has no total bound; silence does (sock_read)
+        connect=settings.connect_timeout,
+        sock_connect=settings.connect_timeout,
+        sock_read=settings.read_timeout,
+    )
+    options: dict[str, Any] = {
+        "timeout": timeout,
+        "auto_decompress": False,
+        # The model server sets no cookies we want; skipping the jar saves work per request.
+        "cookie_jar": aiohttp.DummyCookieJar(),
+        "skip_auto_headers": ("User-Agent",),
+    }
+    # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
+    # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
+    pooled = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S)
+    fresh = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=pooled, trace_configs=[_trace_config()], **options) as a,
+        aiohttp.ClientSession(connector=fresh, **options) as b,
+    ):
+        yield Sessions(a, b)
