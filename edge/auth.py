@@ -220,9 +220,15 @@ GUARD = web.AppKey("guard", Guard)
 
 
 def setup(app: web.Application) -> None:
-    """Add the guard to `app`; its keys file watcher and ban saver run in a cleanup context."""
+    """Add the guard to `app`; its keys file watcher and ban saver run in a cleanup context.
+
+    Error handling: raises `ConfigError` when the keys file is there but cannot be used.
+    """
     settings = app[SETTINGS]
     keys = KeyStore(settings.keys_path) if settings.auth == "keys" else None
+    if keys is not None:
+        # Here, before anything is opened: a keys file that cannot be used stops the edge.
+        keys.load_at_start()
     bans = BanList(
         settings.bans_path,
         settings.ban_threshold,

@@ -16,7 +16,9 @@ of what the caller sent, not on the stored secret, so it leaks nothing usable; t
 file (by inode, size and mtime) within `interval` seconds, or at once on `request_reload()`
 (SIGHUP), and swaps the whole table in one assignment: a request in flight keeps the `ApiKey` it
 was admitted with, the next one sees the change. A file that does not parse is refused with one
-log line and the last good keys stay in force.
+log line and the last good keys stay in force; at start, where there are no last keys, it stops
+the edge (`load_at_start`). A file that is not a regular file, or that others may write, is
+refused the same way, and is never read: nothing about the keys file can block the event loop.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -112,15 +116,81 @@ def digest(secret: str) -> str:
 
 
 def read_keys_file(path: Path) -> KeysFile:
-    """Parse the keys file. Error handling: anything wrong raises `ConfigError` saying what."""
+    """Parse the keys file.
+
+    Error handling: anything wrong raises `ConfigError` saying what and how to fix it: a path
+    that is not a regular file (a FIFO would block the reader forever), a file others may
+    write (anyone who can write it can give themselves a key), one that cannot be read, or
+    one that does not parse (what is wrong, where, never the values: the file holds digests).
+    """
+    raw = _read_private(path)
     try:
-        raw = path.read_bytes()
+        return KeysFile.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"the keys file {path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"the keys file {path} is invalid: {_summary(exc)}") from exc
+
+
+def _read_private(path: Path) -> bytes:
+    """The bytes of `path`, once it is known to be a regular file only its owner may write.
+
+    Opened with O_NONBLOCK and checked with fstat before any read: a FIFO opens at once that
+    way (a blocking open would wait for a writer, on the event loop), and is refused unread.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"cannot read the keys file {path}: {exc.strerror}") from exc
     try:
-        return KeysFile.model_validate(orjson.loads(raw))
-    except (orjson.JSONDecodeError, ValidationError) as exc:
-        raise ConfigError(f"the keys file {path} is invalid: {exc}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(
+                f"the keys file {path} is not a regular file ({_file_kind(st.st_mode)}); "
+                "point BACKHAUL_EDGE_KEYS_PATH at the file `backhaul-edge keys add` writes"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            mode = stat.S_IMODE(st.st_mode)
+            raise ConfigError(
+                f"the keys file {path} is writable by its group or by others (mode {mode:04o}): "
+                f"whoever can write it can add a key; fix with `chmod 600 {path}`"
+            )
+        chunks: list[bytes] = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the keys file {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+# Problems named in a keys file error before "and N more".
+_MAX_PROBLEMS = 5
+
+
+def _summary(exc: ValidationError) -> str:
+    """What pydantic found wrong, where, without the values (no digest, no stray secret)."""
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'the file'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    more = len(problems) - _MAX_PROBLEMS
+    shown = "; ".join(problems[:_MAX_PROBLEMS])
+    return f"{shown}; and {more} more" if more > 0 else shown
 
 
 def write_keys_file(path: Path, keys: KeysFile) -> None:
@@ -134,14 +204,16 @@ def write_keys_file(path: Path, keys: KeysFile) -> None:
     replace_file(path, data, 0o600, keep_owner=True)
 
 
-def _signature(path: Path) -> tuple[int, int, int, int] | None:
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What tells a new file from the one loaded: its identity, size, time, and mode (a file
+    made writable by others must be refused at once, not at its next edit)."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
     except OSError:  # there but not ours to see: the read that follows says why, once
-        return (0, 0, 0, -1)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (0, 0, 0, -1, 0)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
 
 
 class KeyStore:
@@ -153,7 +225,7 @@ class KeyStore:
         self.generation = 0  # bumped on every successful load
         self.present = False  # a keys file was loaded at least once
         self._by_hash: dict[str, ApiKey] = {}
-        self._seen: tuple[int, int, int, int] | None = None
+        self._seen: tuple[int, ...] | None = None
         self._wake = asyncio.Event()
         self._loaded = asyncio.Condition()
 
@@ -167,11 +239,23 @@ class KeyStore:
             return None
         return key
 
+    def load_at_start(self) -> None:
+        """The first load, when the edge starts: no keys file yet is allowed (every request is
+        refused until one appears, and `keys.none` says so), but a keys file that is there
+        and cannot be used stops the edge, since there are no last good keys to keep.
+
+        Error handling: raises `ConfigError` saying what is wrong with the file.
+        """
+        self._seen = _signature(self.path)
+        if self._seen is not None:
+            self._install(read_keys_file(self.path))
+
     def load(self) -> bool:
         """Load the file if it changed since the last look; True when new keys took effect.
 
-        Small and local, so it is read on the event loop; a broken file is logged once per
-        version of it and the last good keys stay.
+        Small and local, so it is read on the event loop (never blocking on it: see
+        `read_keys_file`); a file that cannot be used is logged once per version of it and
+        the last good keys stay.
         """
         signature = _signature(self.path)
         if signature == self._seen:
@@ -188,11 +272,14 @@ class KeyStore:
                 "keys.reload_refused", path=str(self.path), error=str(exc), kept=len(self._by_hash)
             )
             return False
+        self._install(parsed)
+        return True
+
+    def _install(self, parsed: KeysFile) -> None:
         self._by_hash = {key.hash: key for key in parsed.keys}
         self.present = True
         self.generation += 1
         log.info("keys.loaded", path=str(self.path), keys=len(parsed.keys))
-        return True
 
     def request_reload(self) -> None:
         """Look at the file now rather than at the next poll (SIGHUP)."""

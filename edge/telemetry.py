@@ -5,7 +5,8 @@ queue; one writer thread appends them to the file with `os.write` on an `O_APPEN
 every line is complete and on disk (in the page cache) as soon as it is written, for operators
 who `tail -F` it. The writer rotates the file by size (`telemetry.jsonl` -> `.1` -> `.2` ...) and
 reopens it on `reopen()` (SIGHUP, for logrotate). A failing disk is logged, at most once a
-minute, and counted; serving goes on.
+minute, and counted; serving goes on. The path must be a regular file: anything else (a FIFO
+would block the thread, and shutdown with it) is refused at start, and at each open after.
 
 Resource handling: the thread and the file descriptor belong to `TelemetryWriter`; `close()`
 writes what is queued, then stops the thread.
@@ -14,14 +15,17 @@ writes what is queued, then stops the thread.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import queue
+import stat
 import threading
 import time
 from pathlib import Path
 
 import structlog
 
+from shared.errors import ConfigError
 from shared.telemetry import RequestRecord
 
 log = structlog.get_logger(__name__)
@@ -32,11 +36,43 @@ _HANDOFF_S = 0.01
 _FAILURE_LOG_INTERVAL_S = 60.0
 
 
+# O_NONBLOCK: a FIFO at the path fails the open (no reader) or the check after it, instead of
+# blocking the writer thread, and with it shutdown, which waits for that thread; on a regular
+# file it changes nothing.
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _not_regular(path: Path, mode: int) -> str:
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "special"
+    return (
+        f"the telemetry path {path} is not a regular file ({kind}); "
+        "point BACKHAUL_EDGE_TELEMETRY_PATH at a file"
+    )
+
+
+def check_path(path: Path | None) -> None:
+    """Refuse, at start, a telemetry path that is there and is not a regular file.
+
+    Error handling: raises `ConfigError`. Later (a FIFO put there while serving, then SIGHUP),
+    the writer refuses it at its next open, and logs it like any failing disk.
+    """
+    if path is None:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # absent (it is created), or not ours to see: the first write says why
+        return
+    if not stat.S_ISREG(mode):
+        raise ConfigError(_not_regular(path, mode))
+
+
 class TelemetryWriter:
     """Appends JSON lines to `path` from a background thread; `path=None` keeps them in memory
     only for `flush()` accounting (telemetry off)."""
 
     def __init__(self, path: Path | None, max_bytes: int = 0, backups: int = 5) -> None:
+        """Error handling: raises `ConfigError` when `path` is not a regular file."""
+        check_path(path)
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -188,8 +224,19 @@ class TelemetryWriter:
 
     def _open(self) -> None:
         assert self.path is not None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS, 0o640)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO nobody reads, or a socket
+                raise OSError(
+                    exc.errno, _not_regular(self.path, os.stat(self.path).st_mode)
+                ) from exc
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, _not_regular(self.path, st.st_mode))
+        self._fd, self._size = fd, st.st_size
 
     def _close_fd(self) -> None:
         if self._fd is not None:
