@@ -258,5 +258,4 @@ async def _watchers(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if guard.bans.dirty:
-            await guard.bans.save()
+        await guard.bans.close()

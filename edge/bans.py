@@ -71,6 +71,7 @@ class BanList:
         self._bans: OrderedDict[str, float] = OrderedDict()  # address -> end (epoch s)
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._dirty = asyncio.Event()
+        self._writing: asyncio.Future[None] | None = None
         self.saves = 0
 
     def __len__(self) -> int:
@@ -198,14 +199,29 @@ class BanList:
         self.saves += 1
 
     async def save(self) -> None:
-        """Write the list now, off the event loop; a failing disk is logged, never raised."""
+        """Write the list now, off the event loop; a failing disk is logged, never raised.
+
+        The write is shielded: cancelling the saver (at shutdown) does not abandon a write under
+        way in its thread, and `close()` waits for it before the final save.
+        """
         if self.path is None:
             self._dirty.clear()
             return
+        self._writing = asyncio.ensure_future(self._write_logged(self.snapshot()))
+        await asyncio.shield(self._writing)
+
+    async def _write_logged(self, data: bytes) -> None:
         try:
-            await asyncio.to_thread(self.write, self.snapshot())
+            await asyncio.to_thread(self.write, data)
         except OSError as exc:
             log.error("bans.save_failed", path=str(self.path), error=str(exc))
+
+    async def close(self) -> None:
+        """At shutdown: let a write under way finish, then save what changed since."""
+        if self._writing is not None:
+            await self._writing
+        if self.dirty:
+            await self.save()
 
     @property
     def dirty(self) -> bool:

@@ -187,7 +187,10 @@ async def test_anonymous_callers_share_slots_fairly_by_address(
 
         async with asyncio.timeout(20):
             holder = {**GEN, "stream": True}  # 10,000 tokens at 20 tok/s: it holds the slot
-            async with http.post(f"{e.url}/api/generate", json=holder) as r:
+            # From a trusted proxy every request names its client (else 400 unknown_client).
+            via = {"X-Forwarded-For": "192.0.2.9"}
+            async with http.post(f"{e.url}/api/generate", json=holder, headers=via) as r:
+                assert r.status == 200
                 await r.content.readline()
                 async with asyncio.TaskGroup() as group:
                     calls = []
