@@ -16,6 +16,7 @@ shared.errors.BackhaulError
     ├── UnsupportedMediaType 415 unsupported_media_type (a compressed request body)
     ├── RateLimited         429 rate_limited      + Retry-After
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
+    ├── UpstreamFailed      5xx upstream_error    (the model server's own 5xx, its body kept back)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
     ├── InvalidModelOutput  502 invalid_model_output (a feature's answer broke its JSON schema)
     ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
@@ -100,6 +101,23 @@ class RateLimited(EdgeError):
 
 class InternalError(EdgeError):
     status, type = 500, "internal_error"
+
+
+class UpstreamFailed(EdgeError):
+    """The model server answered a 5xx (other than 503): its status, with the edge's message.
+
+    Its body stays in the operator's log (`upstream.failed`): a model server's error text can
+    name workstation paths, its libraries and versions.
+    """
+
+    type = "upstream_error"
+
+    def __init__(self, status: int) -> None:
+        super().__init__(
+            f"the model server failed the request (status {status}); "
+            "the operator's log has its message under this request id"
+        )
+        self.status = status
 
 
 class UpstreamUnavailable(EdgeError):

@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import structlog
 from aiohttp import hdrs, web
 
 from edge import body_limits, connections, ollama, relay
@@ -31,6 +32,7 @@ from edge.errors import (
     PayloadTooLarge,
     RequestTimeout,
     UpstreamBusy,
+    UpstreamFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -46,6 +48,10 @@ STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # aiohttp, a client that stopped reading it would keep the connection forever. Smaller ones
 # (nearly all) fit the connection's send buffer and are left to aiohttp, as before.
 _SEND_UNDER_TIMEOUT_BYTES = 64 * 1024
+# How much of a model server's 5xx message the log keeps (the client gets none of it).
+_LOGGED_MESSAGE_CHARS = 500
+
+log = structlog.get_logger(__name__)
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -219,7 +225,15 @@ def _buffered(
             f"the model server is busy: {_upstream_message(body)}",
             headers={"Retry-After": app[UPSTREAM].retry_after},
         )
-    if status >= 400:
+    if status >= 500:
+        log.warning(
+            "upstream.failed",
+            request_id=ex.id,
+            status=status,
+            message=_upstream_message(body)[:_LOGGED_MESSAGE_CHARS],
+        )
+        raise UpstreamFailed(status)
+    if status >= 400:  # the model server's word on the request (404 model not found, 400): kept
         ex.record.type = "upstream_error"
         return _response(ex, status, content_type, body, {})
     extra: dict[str, str] = {}

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from agent.simulator import running_simulator
 from edge.state import UPSTREAM
 from edge.upstream import State
+from tests.keyfiles import captured_logs
 from tests.servers import edge, free_port, raw_server, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -177,3 +179,51 @@ async def test_agent_returning_is_noticed(tmp_path: Path, http: aiohttp.ClientSe
                 await e.app[UPSTREAM].wait_state(State.UP)
             async with http.post(f"{e.url}/api/generate", json=GEN) as r:
                 assert r.status == 200
+
+
+async def test_model_server_5xx_keeps_its_status_but_not_its_text(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    """A model server's error text (paths, versions) goes to the log, never to the client."""
+    secret = "failed to load /home/alice/models/llama-3.2-1b-q4.gguf: CUDA error 2 (cuda 12.4)"
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.6"})
+
+    async def failing(request: web.Request) -> web.Response:
+        if request.path.startswith("/v1/"):
+            return web.json_response(
+                {"error": {"message": secret, "type": "server_error"}}, status=500
+            )
+        return web.json_response({"error": secret}, status=500)
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.json_response({"error": "model 'llama3.2:1b' not found"}, status=404)
+
+    app = web.Application()
+    app.router.add_get("/api/version", version)
+    app.router.add_post("/api/generate", failing)
+    app.router.add_post("/v1/chat/completions", failing)
+    app.router.add_post("/api/chat", missing)
+    body = {**GEN, "messages": [{"role": "user", "content": "hi"}]}
+    with captured_logs() as logs:
+        async with serving(app) as url, edge(url, tmp_path) as e:
+            for rid, path in (("n", "/api/generate"), ("o", "/v1/chat/completions")):
+                headers = {"X-Request-Id": rid}
+                async with http.post(f"{e.url}{path}", json=body, headers=headers) as r:
+                    assert r.status == 500
+                    raw = await r.read()
+                assert b"alice" not in raw and b"cuda" not in raw.lower()
+                payload = orjson.loads(raw)
+                error = payload if path.startswith("/api/") else payload["error"]
+                assert error["type"] == "upstream_error" and rid in str(error["request_id"])
+                record = await e.record(rid)
+                assert record["status"] == 500 and record["type"] == "upstream_error"
+                assert record["outcome"] == "error"
+            # A 4xx is the model server's word on the request: passed through as it is.
+            async with http.post(f"{e.url}/api/chat", json=body) as r:
+                assert r.status == 404
+                assert (await r.json())["error"] == "model 'llama3.2:1b' not found"
+    failed = [x for x in logs if x["event"] == "upstream.failed"]
+    assert [x["request_id"] for x in failed] == ["n", "o"]
+    assert all(x["status"] == 500 and x["message"] == secret for x in failed)
