@@ -39,6 +39,8 @@ log = structlog.get_logger(__name__)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/demo"})
 _CHALLENGE = 'Bearer realm="backhaul"'
 _INVALID = 'Bearer realm="backhaul", error="invalid_token"'
+# RFC 9110's optional whitespace: what may separate the scheme from the credential.
+_OWS = " \t"
 # Seconds between two "keys.none" (or "auth.unknown_client") log lines while requests keep
 # arriving without a keys file (or through a proxy that does not name its clients).
 _MISSING_LOG_INTERVAL_S = 60.0
@@ -123,8 +125,8 @@ class Guard:
     ) -> ApiKey | None:
         if self.keys is None:
             return None
-        header = request.headers.get(hdrs.AUTHORIZATION)
-        if header is None:
+        scheme, secret = credentials(request.headers.get(hdrs.AUTHORIZATION))
+        if not secret:  # no header, or one that carries no credential: not a guess
             if feature is not None and feature.anonymous:
                 return None
             self.log_if_no_keys()
@@ -135,8 +137,7 @@ class Guard:
         if not self.keys.present:  # no keys file: the operator's mistake, not the caller's
             self.log_if_no_keys()
             raise Unauthorized("invalid API key", headers={"WWW-Authenticate": _INVALID})
-        scheme, _, secret = header.partition(" ")
-        key = self.keys.lookup(secret.strip()) if scheme.lower() == "bearer" else None
+        key = self.keys.lookup(secret) if scheme == "bearer" else None
         now = self.keys.clock()
         if key is not None and key.enabled and not key.expired(now):
             return key
@@ -208,6 +209,26 @@ class Guard:
         # The headers speak for the tightest limit.
         buckets, name, limit, _ = min(checks, key=lambda c: c[0].decision(c[1], c[2]).remaining)
         ex.rate_headers = buckets.headers(name, limit)
+
+
+def credentials(header: str | None) -> tuple[str, str]:
+    """The scheme (lower case) and the credential of an `Authorization` header; ("", "") for
+    none, and an empty credential for a scheme alone.
+
+    RFC 9110 §11.4: `auth-scheme [ 1*SP token68 ]`, the scheme case-insensitive. Read
+    tolerantly, as many servers do: HTAB counts as SP, a run of them is one separator, and
+    whitespace around the credential is not part of it. A valid key sent by a client that
+    writes the header a little differently is a valid key, not a failed login towards a ban.
+    """
+    if header is None:
+        return "", ""
+    value = header.strip(_OWS)
+    cut = len(value)
+    for separator in _OWS:
+        found = value.find(separator)
+        if 0 <= found < cut:
+            cut = found
+    return value[:cut].lower(), value[cut:].strip(_OWS)
 
 
 def _limited(message: str, decision: Decision) -> RateLimited:
