@@ -10,6 +10,8 @@
 - `running_tunnel()`: the agent's `Tunnel` in a task group for the length of a block.
 - `edge_with_sshd()`: the real edge with its embedded SSH server on; `generate_via()`: one
   request to the forward's VPS end.
+- `agent_process()`: `backhaul-agent run` in its own process, as systemd runs it, for races a
+  single event loop cannot show.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import getpass
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from edge.sshd import EmbeddedSSHServer
 from tests.servers import Edge, edge, free_port
 
 SSHD = Path("/usr/sbin/sshd")
+AGENT = str(Path(sys.executable).parent / "backhaul-agent")
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
 
@@ -185,6 +189,45 @@ async def edge_with_sshd(bind: int, tmp_path: Path, **settings: Any) -> AsyncIte
         **settings,
     ) as e:
         yield e
+
+
+@asynccontextmanager
+async def agent_process(
+    tmp_path: Path, server: EmbeddedSSHServer, bind: int, upstream: str, **settings: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`backhaul-agent run` in its own process, connected to the embedded `server` with the key
+    `authorize_agent()` made, forwarding 127.0.0.1:`bind` to `upstream`; present for the block,
+    stopped with SIGTERM after it. Its log is `tmp_path/agent.log`; `settings` are further
+    BACKHAUL_AGENT_* variables, named without the prefix (`probe_interval="60"`)."""
+    pin(tmp_path / "known_hosts", server.port, server.host_public_key)
+    env = {
+        **os.environ,
+        "BACKHAUL_AGENT_SSH_PORT": str(server.port),
+        "BACKHAUL_AGENT_SSH_USER": "agent",
+        "BACKHAUL_AGENT_KEY_PATH": str(tmp_path / "agent_key"),
+        "BACKHAUL_AGENT_KNOWN_HOSTS": str(tmp_path / "known_hosts"),
+        "BACKHAUL_AGENT_REMOTE_BIND": f"127.0.0.1:{bind}",
+        "BACKHAUL_AGENT_UPSTREAM": upstream,
+        "BACKHAUL_AGENT_STATE_DIR": str(tmp_path),
+        "BACKHAUL_AGENT_LOG_FORMAT": "json",
+        **{f"BACKHAUL_AGENT_{name.upper()}": value for name, value in settings.items()},
+    }
+    with (tmp_path / "agent.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(AGENT, "run", env=env, stderr=log)
+        try:
+            async with asyncio.timeout(15):  # a cold interpreter on a busy 2-core machine
+                await server.wait_present(True)
+            yield proc
+        finally:
+            with suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise
 
 
 @asynccontextmanager
