@@ -216,7 +216,9 @@ async def assert_counted(e: Edge, server: StandIn, count: int) -> int:
     assert {r["outcome"] for r in records} == {"ok"}
     retries = sum(r["upstream_retries"] for r in records)
     assert max(r["upstream_retries"] for r in records) <= 1  # never twice
-    assert retries == server.dropped
+    # Every request the server dropped was resent; a request written just as the modelled close
+    # arrived dies in the socket before the server counts it, so resends may exceed the drops.
+    assert retries >= server.dropped
     assert retries_metric(e) == retries
     assert server.answered == count
     return retries
