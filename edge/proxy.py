@@ -15,6 +15,7 @@ upstream ends (`edge.relay`): a client still reading the rest never holds the GP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -302,6 +303,19 @@ def _record_usage(ex: Exchange, figures: Usage, wall_s: float) -> None:
     record.tok_per_s = round(speed, 2) if speed is not None else None
 
 
+def _with_count(ex: Exchange, facts: relay.StreamFacts, figures: Usage) -> Usage:
+    """`figures`, or where the upstream reported no generated tokens, the relay's count with
+    the prompt estimated from its size: an OpenAI-style stream without `include_usage`
+    carries no usage, and a stream cut short never reaches its final figures. Why the edge
+    counts rather than asking the upstream for usage: `shared.usage`."""
+    if figures.tokens is not None:
+        return figures
+    prompt = figures.prompt_tokens
+    if prompt is None:
+        prompt = usage.estimate_prompt_tokens(ex.record.prompt_chars)
+    return dataclasses.replace(figures, prompt_tokens=prompt, tokens=facts.count.tokens)
+
+
 async def _relay_stream(
     request: web.Request,
     ex: Exchange,
@@ -310,7 +324,12 @@ async def _relay_stream(
     t0: float,
     release_slot: Callable[[], None],
 ) -> web.StreamResponse:
-    """Relay a streamed answer byte for byte, releasing the GPU slot when the upstream ends."""
+    """Relay a streamed answer byte for byte, releasing the GPU slot when the upstream ends.
+
+    The answer's figures are the upstream's own when it reported them, else the relay's count
+    (`_with_count`): a key's tokens per minute are charged either way, whether or not the
+    client asked for usage and however the stream ended.
+    """
     response = web.StreamResponse(
         status=200,
         headers={
@@ -336,6 +355,7 @@ async def _relay_stream(
         ex.record.overhead_ms = round(ex.overhead_ms(), 3)
         end = facts.tail.bytes()
         figures = usage.from_sse_tail(end) if sse else usage.from_ndjson_tail(end)
+        figures = _with_count(ex, facts, figures)
         gen_s = ex.upstream_s - ((facts.first_chunk - t0) if facts.first_chunk else 0.0)
         _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
 
@@ -352,6 +372,9 @@ async def _relay_stream(
         )
     finally:
         ex.record.bytes_out += facts.bytes_out
+        if ex.record.tokens is None:  # cut before its figures: the client went, or it broke
+            end = facts.upstream_end or time.perf_counter()
+            _record_usage(ex, _with_count(ex, facts, Usage()), end - (facts.first_chunk or end))
     if outcome is relay.Outcome.UPSTREAM_BROKEN:
         # Headers are gone: the client got an error line in the stream's own shape, then a cut.
         ex.record.outcome, ex.record.type = "upstream_broken", "upstream_broken"

@@ -28,6 +28,12 @@ connection, and Ollama stops generating), the connection is aborted, and the out
 `CLIENT_STALLED`. The kernel's own buffers take a few MB before any of this begins: a client
 that stops reading a shorter answer simply leaves it there, and holds nothing of ours.
 
+Counting. The reader also counts the generated tokens as they pass (`shared.usage.TokenCount`,
+one per line with text) and changes nothing: the caller charges that count when the upstream
+reported no usage (an OpenAI-style stream the client did not ask usage for) or never reached
+its final figures (a stream cut short). Why count rather than ask the upstream for usage and
+drop it from the stream: `shared.usage`.
+
 Resource handling: the reader releases the upstream response when it was read to the end and
 closes it on any other exit; the caller's own `with` blocks stay the owners of the response and
 the slot, so both are also let go if anything here fails.
@@ -46,6 +52,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+
+from shared.usage import TokenCount
 
 # The end of a stream kept to read its final figures: Ollama's last NDJSON line or the SSE usage
 # chunk is a few hundred bytes; 16 KiB also covers a final chunk that still carries content.
@@ -87,6 +95,7 @@ class StreamFacts:
     """What the relay saw, filled in as it goes: the caller reads it however the relay ended."""
 
     tail: Tail = field(default_factory=Tail)
+    count: TokenCount = field(default_factory=TokenCount)  # tokens seen generated, so far
     first_chunk: float | None = None  # perf_counter() when the upstream's first chunk came
     upstream_end: float | None = None  # perf_counter() when the upstream finished or broke
     broken: bool = False  # the upstream failed mid-answer
@@ -216,6 +225,7 @@ async def _read(
             if facts.first_chunk is None:
                 facts.first_chunk = time.perf_counter()
             facts.tail.add(chunk)
+            facts.count.feed(chunk)
             if writer is None and (
                 transport is None
                 or transport.get_write_buffer_size() + len(chunk) + _CHUNK_FRAMING < high

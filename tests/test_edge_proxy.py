@@ -231,4 +231,4 @@ async def test_client_gone_cancels_generation(tmp_path: Path, http: aiohttp.Clie
             await sim.stats.wait_cancelled(1)
             record = await e.wait_record("gone")  # written as the cancelled handler unwinds
         assert record["outcome"] == "client_gone"
-        assert record["tokens"] is None
+        assert 1 <= record["tokens"] < 400  # what was generated is charged (test_stream_usage)

@@ -168,7 +168,8 @@ async def test_client_gone_while_buffered_cancels_the_upstream(tmp_path: Path):
             await held.cancelled.wait()
             await e.app[GATE].wait_inflight(0)
             record = await e.wait_record("left")
-    assert record["outcome"] == "client_gone" and record["tokens"] is None
+    assert record["outcome"] == "client_gone"
+    assert 0 < record["tokens"] <= held.lines  # the lines read before it left, one token each
     assert held.events == ["left arrived", "left cancelled"]
 
 
@@ -211,7 +212,7 @@ async def test_stalled_client_is_cut_and_its_generation_cancelled(tmp_path: Path
             await slow.wait_closed_by_server()
         record = await e.record("stalled")
         assert record["outcome"] == "client_stalled" and record["status"] == 200
-        assert record["tokens"] is None  # the answer never ended
+        assert 0 < record["tokens"] < 100_000  # the answer never ended: counted as it went
         assert record["stream"] is True and record["queue_ms"] == 0.0
 
 
