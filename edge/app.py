@@ -3,7 +3,8 @@
 The outermost middleware owns each request's `Exchange`: it checks the raw path against the
 allowlist, answers CORS preflights, renders every `EdgeError` in the route's own error shape,
 turns anything unexpected into a logged 500 without a traceback for the client, records a
-client that went away as `client_gone`, and writes exactly one telemetry line per request.
+client that went away as `client_gone`, and writes exactly one telemetry line per request (but
+for anonymous refusals past their address's burst, which `edge.auth` counts instead).
 App-wide resources (the upstream `ClientSession`, the telemetry writer, the liveness probe)
 live in one cleanup context.
 """
@@ -177,7 +178,7 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
         ex.record.elapsed_ms = round(ex.elapsed_ms(), 3)
         if ex.record.overhead_ms is None and ex.route is not None:
             ex.record.overhead_ms = round(ex.overhead_ms(), 3)
-        if path not in UNLOGGED_PATHS:
+        if path not in UNLOGGED_PATHS and not ex.aggregated:
             request.app[TELEMETRY].write(ex.record)
         request.app[metrics.METRICS].observe(ex.record)  # never raises
 

@@ -11,6 +11,19 @@ figures the model server reported.
 Nothing here awaits: the whole check is a few dict lookups and one SHA-256, well under the
 0.2 ms the benchmark allows. The secret is never logged; the telemetry line carries the key's
 name.
+
+Anonymous refusals (a 401 to a request that presented no key, a 403 to a banned address) cost
+the caller nothing, and each wrote a telemetry line: one client could rotate the whole telemetry
+history away in about two minutes. Past a burst per address group (and a cap in all), their
+lines are counted instead (`AnonymousLines`) and the counts logged once a minute and at
+shutdown as `auth.unauthenticated_suppressed` events, one per address, so the volume stays
+visible and nothing vanishes silently; the metrics count every request as before. Why counted in
+the log and not as telemetry lines: a line is one request in a fixed schema that `stats`,
+`tail` and operators' `jq` read as such, and a line carrying a count would be a request to
+every one of them. The guard only marks the exchange (`Exchange.aggregated`) and the middleware,
+which writes every line, skips a marked one: the writer and the schema are unchanged.
+Wrong keys are not among them: each is a guess, logged and counted towards a ban, and a ban
+ends them.
 """
 
 from __future__ import annotations
@@ -44,6 +57,16 @@ _OWS = " \t"
 # Seconds between two "keys.none" (or "auth.unknown_client") log lines while requests keep
 # arriving without a keys file (or through a proxy that does not name its clients).
 _MISSING_LOG_INTERVAL_S = 60.0
+# Anonymous refusals written one telemetry line each, per minute (token buckets): from one
+# address group (10: a person retrying by hand, a client configured without its key), and in
+# all (600: at ~500 bytes a line an address spray adds 18 MB an hour at most, so the default
+# rotation's 600 MiB still hold a day and more). Past them each is counted for the next report.
+_ANONYMOUS_LINES_PER_ADDRESS = 10
+_ANONYMOUS_LINES_IN_ALL = 600
+# Seconds between two reports of what was counted (and once more at shutdown).
+_SUPPRESSED_REPORT_S = 60.0
+# Addresses a report names one event each, the largest counts first; the rest share one event.
+_REPORTED_ADDRESSES = 100
 
 
 class Guard:
@@ -62,6 +85,7 @@ class Guard:
         self.key_rpm = Buckets(settings.max_tracked_clients, clock)
         self.key_tpm = Buckets(settings.max_tracked_clients, clock)
         self.callers = Buckets(settings.max_tracked_clients, clock)  # per feature and caller
+        self.anonymous = AnonymousLines(settings.max_tracked_clients, clock)
         self._missing_logged = -math.inf
         self._unknown_logged = -math.inf
 
@@ -84,7 +108,11 @@ class Guard:
                 "the proxy in front of this server did not say which client the request is "
                 "from (X-Forwarded-For); its operator must fix the proxy's configuration"
             )
-        self.refuse_banned(ex.record.client)
+        try:
+            self.refuse_banned(ex.record.client)
+        except Banned:
+            self.anonymous.note(ex, Banned.type)
+            raise
 
     def refuse_banned(self, client: str | None) -> None:
         """Raise `Banned` (with `Retry-After`) when `client`'s address is banned."""
@@ -130,6 +158,7 @@ class Guard:
             if feature is not None and feature.anonymous:
                 return None
             self.log_if_no_keys()
+            self.anonymous.note(ex, Unauthorized.type)
             raise Unauthorized(
                 "an API key is required: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": _CHALLENGE},
@@ -211,6 +240,72 @@ class Guard:
         ex.rate_headers = buckets.headers(name, limit)
 
 
+class AnonymousLines:
+    """Which anonymous refusals get a telemetry line each, and a count of those that did not.
+
+    Memory is bounded: the buckets as `edge.limits` keeps them, and at most `max_entries`
+    counted addresses between two reports (the ones past that are counted under `*`).
+    """
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._addresses = Buckets(max_entries, clock)
+        self._all = Buckets(1, clock)
+        self._counts: dict[tuple[str, str], int] = {}  # (address group, error type) -> count
+        self._since = clock()
+
+    def note(self, ex: Exchange, error_type: str) -> None:
+        """One anonymous refusal of `error_type`: within the burst its line is written, past
+        it `ex.aggregated` is set and the refusal counted for the next `report()`."""
+        client = ex.record.client
+        # Per type: the first 403 `banned` after a flood of 401s still gets its line.
+        key = (address_group(client) if client is not None else "-", error_type)
+        # Both checks before the takes: a counted refusal takes nothing from the other bucket.
+        if self._addresses.allows(key, _ANONYMOUS_LINES_PER_ADDRESS) and self._all.allows(
+            None, _ANONYMOUS_LINES_IN_ALL
+        ):
+            self._addresses.take(key, _ANONYMOUS_LINES_PER_ADDRESS)
+            self._all.take(None, _ANONYMOUS_LINES_IN_ALL)
+            return
+        ex.aggregated = True
+        if key not in self._counts and len(self._counts) >= self.max_entries:
+            key = ("*", error_type)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def report(self) -> None:
+        """Log what was counted since the last report, one event per address and type (the
+        largest first, at most `_REPORTED_ADDRESSES`; the others summed in one), and start
+        counting afresh."""
+        counts, self._counts = self._counts, {}
+        now = self.clock()
+        window_s, self._since = round(now - self._since, 1), now
+        ranked = sorted(counts.items(), key=lambda item: item[1], reverse=True)
+        for (client, error_type), count in ranked[:_REPORTED_ADDRESSES]:
+            log.warning(
+                "auth.unauthenticated_suppressed",
+                client=client,
+                type=error_type,
+                count=count,
+                window_s=window_s,
+            )
+        rest = ranked[_REPORTED_ADDRESSES:]
+        if rest:
+            log.warning(
+                "auth.unauthenticated_suppressed",
+                client="*",
+                addresses=len({client for (client, _), _ in rest}),
+                count=sum(count for _, count in rest),
+                window_s=window_s,
+            )
+
+    async def run_reporter(self, interval: float = _SUPPRESSED_REPORT_S) -> None:
+        """Report every `interval` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.report()
+
+
 def credentials(header: str | None) -> tuple[str, str]:
     """The scheme (lower case) and the credential of an `Authorization` header; ("", "") for
     none, and an empty credential for a scheme alone.
@@ -266,7 +361,10 @@ async def _watchers(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     guard.bans.load()
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(guard.bans.run_saver(), name="bans-saver")]
+    tasks = [
+        loop.create_task(guard.bans.run_saver(), name="bans-saver"),
+        loop.create_task(guard.anonymous.run_reporter(), name="suppressed-reporter"),
+    ]
     if guard.keys is not None:
         guard.keys.load()
         if not guard.keys.present:
@@ -279,4 +377,5 @@ async def _watchers(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        guard.anonymous.report()  # what was counted since the last report is not lost
         await guard.bans.close()

@@ -35,6 +35,7 @@ class Exchange:
     key: ApiKey | None = None  # the caller's API key once authenticated (edge.auth)
     rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.auth)
     via_proxy: bool = False  # the peer is a trusted proxy: it is not the client (ClientAddress)
+    aggregated: bool = False  # counted in an aggregate instead of a telemetry line (edge.auth)
 
     @property
     def id(self) -> str:
