@@ -26,7 +26,7 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from edge import body_limits, connections, ollama, relay
+from edge import body_json, body_limits, connections, ollama, relay
 from edge.errors import (
     Forbidden,
     InvalidRequest,
@@ -150,10 +150,8 @@ async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeou
     ex.record.bytes_in = len(raw)
     if not raw:
         raise InvalidRequest("the request body is empty; a JSON object is required")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON (UTF-8): {exc}") from None
+    # Too deep or too many items is refused unparsed; a large body is read in a worker thread.
+    return await body_json.load(raw)
 
 
 @contextmanager

@@ -1,13 +1,16 @@
-"""Hardening of the edge's front door (issue 8): how the `Authorization` header is read, and
-what an anonymous flood of refusals costs the telemetry file.
+"""Hardening of the edge's front door (issue 8): how the `Authorization` header is read, what
+an anonymous flood of refusals costs the telemetry file, and what a JSON body's shape costs.
 
-A real edge with a keys file in front of the simulator, aiohttp clients on loopback; a flood
-comes from 127.0.0.2 or .3, the normal client from 127.0.0.1.
+A real edge (with a keys file where it matters) in front of the simulator, aiohttp clients on
+loopback; a flood comes from 127.0.0.2 or .3, the normal client from 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
+import itertools
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from edge import body_json
 from edge.auth import GUARD, AnonymousLines
 from edge.exchange import Exchange
 from shared.telemetry import RequestRecord
@@ -148,3 +156,132 @@ def test_an_address_spray_is_capped_in_all_and_its_counts_stay_bounded():
     assert len(events) == 101  # 100 addresses named, the rest in one event
     assert sum(x["count"] for x in events) == 5000 - 600
     assert events[-1]["client"] == "*" and events[0]["window_s"] == 60.0
+
+
+def nested(depth: int) -> bytes:
+    """A JSON value `depth` levels deep, as text (orjson writes no deeper than 255): lists, an
+    object at every tenth level."""
+    text = b'"leaf"'
+    for level in range(depth):
+        text = b'{"a":' + text + b"}" if level % 10 == 9 else b"[" + text + b"]"
+    return text
+
+
+def body_with(field: bytes, value: bytes, **fields: Any) -> bytes:
+    """`fields` as a JSON object, with `field` set to the JSON text `value`."""
+    return orjson.dumps(fields)[:-1] + b',"' + field + b'":' + value + b"}"
+
+
+async def test_bodies_nested_too_deep_are_400_in_the_routes_shape_and_no_traceback(
+    tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+):
+    json = {"Content-Type": "application/json"}
+    with captured_logs() as logs:
+        async with simulator() as sim, edge(sim.url, tmp_path) as e:
+            # `format` is copied upstream as it is: the whole body is as deep as it says.
+            limit = body_with(b"format", nested(body_json.MAX_DEPTH - 1), **GEN)  # top: one
+            async with http.post(f"{e.url}/api/generate", data=limit, headers=json) as r:
+                assert r.status == 200, await r.text()
+            # 65 was relayed; 300 passed the checks and failed the edge's own orjson.dumps
+            # (255 levels); orjson reads no deeper than 1,024, 5,000 was its parse error.
+            for depth in (65, 300, 1024, 5000):
+                body = body_with(b"format", nested(depth - 1), **GEN)
+                headers = {**json, "X-Request-Id": f"deep-{depth}"}
+                async with http.post(f"{e.url}/api/generate", data=body, headers=headers) as r:
+                    assert r.status == 400, depth
+                    error = await r.json()
+                assert error["type"] == "invalid_request" and "nested" in error["error"]
+                assert (await e.record(f"deep-{depth}"))["type"] == "invalid_request"
+                message = b'[{"role":"user","content":' + nested(depth - 3) + b"}]"
+                chat = body_with(b"messages", message, model=MODEL)
+                async with http.post(f"{e.url}/v1/chat/completions", data=chat, headers=json) as r:
+                    assert r.status == 400, depth
+                    assert (await r.json())["error"]["type"] == "invalid_request"
+            assert len(reached(sim)) == 1, "only the body within the limit"
+    assert not [x for x in logs if x.get("exc_info") or x["log_level"] == "error"]
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_very_wide_body_does_not_stall_the_loop(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    # A million small keys, 13 MB: within the default 20 MB body limit.
+    wide = orjson.dumps({**GEN, **{f"k{i:07d}": 1 for i in range(1_000_000)}})
+    started = time.perf_counter()
+    orjson.loads(wide)  # what parsing it costs here, now: the loop would stall that long
+    parse_s = time.perf_counter() - started
+    async with simulator() as sim, edge(sim.url, tmp_path) as e:
+        answers: list[float] = []
+        probing, done = asyncio.Event(), asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                async with http.get(f"{e.url}/healthz") as r:
+                    assert r.status == 200
+                answers.append(time.perf_counter())
+                if len(answers) == 5:
+                    probing.set()
+
+        async with asyncio.timeout(30), asyncio.TaskGroup() as tasks:
+            tasks.create_task(probe())
+            await probing.wait()
+            sent = time.perf_counter()
+            try:
+                headers = {"Content-Type": "application/json", "X-Request-Id": "wide"}
+                async with http.post(
+                    f"{e.url}/api/generate", data=io.BytesIO(wide), headers=headers
+                ) as r:
+                    assert r.status == 413
+                    assert (await r.json())["type"] == "payload_too_large"
+            finally:
+                done.set()
+        during = [t for t in answers if t >= sent]
+        gaps = [b - a for a, b in itertools.pairwise(answers) if b >= sent]
+        # Answered all along: no pause near what the parse alone takes (and the upstream
+        # body's build took twice that again after it, before the fix).
+        assert len(during) >= 3
+        assert max(gaps) < parse_s / 4, (max(gaps), parse_s)
+        assert (await e.record("wide"))["status"] == 413
+
+        # A large body within the bounds is parsed in a worker thread, and served.
+        large = {**GEN, "prompt": "why, " * 20_000 + "x" * 200_000}  # 300 KB: over THREAD_BYTES
+        assert len(orjson.dumps(large)) > body_json.THREAD_BYTES
+        async with http.post(f"{e.url}/api/generate", json=large) as r:
+            assert r.status == 200
+        assert reached(sim) == ["/api/generate"]
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    # Strings made of what the scan looks at: quotes, backslashes, brackets, separators.
+    | st.text(st.sampled_from('"\\[]{},:/bnu x\n\u00e9'), max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+def items_and_depth(value: Any) -> tuple[int, int]:
+    """What `body_json.measure` must find, from the parsed value."""
+    if isinstance(value, (list, dict)):
+        children = list(value.values()) if isinstance(value, dict) else value
+        figures = [items_and_depth(child) for child in children]
+        items = 1 + max(len(children) - 1, 0) + (len(children) if isinstance(value, dict) else 0)
+        return items + sum(i for i, _ in figures), 1 + max((d for _, d in figures), default=0)
+    return 0, 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON, spelling=st.sampled_from(["compact", "spaced", "ascii", "slashes"]))
+def test_the_shape_scan_is_exact_on_valid_json(value: Any, spelling: str):
+    raw = {
+        "compact": lambda: orjson.dumps(value),
+        "spaced": lambda: json.dumps(value, indent=1, ensure_ascii=False).encode(),
+        "ascii": lambda: json.dumps(value).encode(),  # every non-ASCII character as \\uXXXX
+        "slashes": lambda: json.dumps(value).replace("/", "\\/").encode(),  # PHP's spelling
+    }[spelling]()
+    assert body_json.measure(raw, 10_000, 100) == items_and_depth(value)
