@@ -32,11 +32,12 @@ demo: $(STAMP)
 	$(BIN)/python -m scripts.demo
 
 # The benchmarks (figures and how to read them: docs/performance.md). Each prints its figures;
-# none is a pass/fail test. About 5 minutes on two cores.
+# none is a pass/fail test. About 6 minutes on two cores.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.tunnel_bench
 	$(BIN)/python -m bench.stats_bench
+	$(BIN)/python -m bench.flood_bench
 
 # docs/configuration.md is generated from the settings classes (tests/test_docs.py checks it).
 docs: $(STAMP)
