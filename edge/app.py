@@ -209,6 +209,8 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     if path not in auth.OPEN_PATHS:
         guard.check_ban(ex)
     if not _PLAIN_PATH.fullmatch(path) or request.path != path:
+        if hdrs.AUTHORIZATION not in request.headers:  # a scanner's `/.env`: counted past a burst
+            guard.anonymous.note(ex, NotFound.type)
         raise NotFound("no such route")
     feature = features.lookup(request.app, path)
     if feature is not None:

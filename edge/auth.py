@@ -136,7 +136,12 @@ class Guard:
         if key is not None:
             ex.key = key
             ex.record.key = key.name
-        self._limit(ex, key, feature)
+        try:
+            self._limit(ex, key, feature)
+        except RateLimited:
+            if key is None:  # an anonymous feature's caller: one line per burst, like a 401
+                self.anonymous.note(ex, RateLimited.type)
+            raise
         if key is not None and feature is not None and not key.allows_model(feature.model):
             raise Forbidden(f"this key may not use feature '{feature.name}'")
 

@@ -45,7 +45,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
-from edge.auth import GUARD
+from edge.auth import GUARD, credentials
 from edge.errors import Forbidden
 from edge.exchange import EXCHANGE
 from edge.ollama import canonical_model
@@ -309,12 +309,12 @@ def scrape_access(
     is a trusted proxy."""
     supplied = headers.get(hdrs.AUTHORIZATION)
     if token is not None and supplied is not None:
-        scheme, _, secret = supplied.partition(" ")
+        scheme, secret = credentials(supplied)  # read as API keys are: `Bearer<TAB>token` too
         # Digests of both, so the comparison's time says nothing about the token's length either.
         expected = hashlib.sha256(token.get_secret_value().encode()).digest()
-        offered = hashlib.sha256(secret.strip().encode()).digest()
+        offered = hashlib.sha256(secret.encode()).digest()
         right = hmac.compare_digest(offered, expected)  # before the scheme: one path for all
-        return Scrape.ALLOWED if right and scheme.lower() == "bearer" else Scrape.GUESS
+        return Scrape.ALLOWED if right and scheme == "bearer" else Scrape.GUESS
     if via_proxy or any(name in headers for name in _FORWARDING_HEADERS):
         return Scrape.REFUSED
     try:

@@ -285,3 +285,30 @@ def test_the_shape_scan_is_exact_on_valid_json(value: Any, spelling: str):
         "slashes": lambda: json.dumps(value).replace("/", "\\/").encode(),  # PHP's spelling
     }[spelling]()
     assert body_json.measure(raw, 10_000, 100) == items_and_depth(value)
+
+
+async def test_scanner_404s_and_anonymous_feature_429s_are_counted_past_a_burst(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    """A key-less scanner's `/.env` (404 before any key is looked at) and an anonymous
+    feature's 429s are aggregated like key-less 401s: one address cannot rotate the log."""
+    summary = {"model": "llama3.2:1b", "prompt": "Summarise: {input}", "anonymous": True, "rpm": 1}
+    async with (
+        simulator() as sim,
+        edge(sim.url, tmp_path, **keyed(tmp_path, features={"summary": summary})) as e,
+    ):
+        for i in range(40):
+            async with http.get(f"{e.url}/.env", headers={"X-Request-Id": f"s{i}"}) as r:
+                assert r.status == 404
+        statuses = []
+        for i in range(40):
+            async with http.post(
+                f"{e.url}/features/summary", json={"input": "hi"}, headers={"X-Request-Id": f"f{i}"}
+            ) as r:
+                statuses.append(r.status)
+        assert statuses.count(429) >= 38
+        records = await e.records()
+        scans = [r for r in records if r["id"].startswith("s")]
+        limited = [r for r in records if r["id"].startswith("f") and r["status"] == 429]
+        assert 1 <= len(scans) <= 12 and {r["status"] for r in scans} == {404}
+        assert 1 <= len(limited) <= 12
