@@ -10,7 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent import keygen, run, simulator, status
+from agent import keygen, run, status
+from simulator import serve as simulator
 
 COMMANDS = (run, status, keygen, simulator)
 

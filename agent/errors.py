@@ -32,7 +32,8 @@ import asyncssh
 from shared.errors import BackhaulError, ConfigError
 
 # The embedded server's disconnect reason when a newer connection with the same key replaces
-# this one (edge/sshd.py sends it; the two sides share no module, so the text is the contract).
+# this one (edge/upstreams/sshd.py sends it; the two sides share no module, so the text is the
+# contract).
 REPLACED_REASON = "replaced by a newer connection with the same key"
 
 

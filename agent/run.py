@@ -18,10 +18,10 @@ import structlog
 
 from agent import ssh
 from agent.metrics import run_metrics
+from agent.model_server import ModelServer
 from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, StatusBoard
 from agent.tunnel import Tunnel
-from agent.upstream import ModelServer
 from shared import runtime
 from shared.errors import ConfigError
 from shared.logging import configure_logging

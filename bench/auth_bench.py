@@ -24,12 +24,12 @@ from typing import Any
 from aiohttp.test_utils import make_mocked_request
 
 from bench import load, procs
-from edge.auth import Guard
-from edge.bans import BanList
 from edge.exchange import Exchange
-from edge.keys import ApiKey, KeysFile, KeyStore, digest, new_secret, write_keys_file
+from edge.policy.bans import BanList
+from edge.policy.guard import Guard
+from edge.policy.keys import ApiKey, KeysFile, KeyStore, digest, new_secret, write_keys_file
+from edge.record import RequestRecord
 from edge.settings import EdgeSettings
-from shared.telemetry import RequestRecord
 
 TARGET_ADDED_P50_MS = 0.2
 # Limits that are checked and charged on every request but never refuse one in a run.

@@ -7,11 +7,12 @@ simulator at full speed, the edge with its embedded SSH server on and its defaul
 agent, logged in, forwarding to the simulator. The normal client (this process, from 127.0.0.1)
 makes `--requests` sequential non-streamed /api/generate requests (64 tokens) through edge ->
 tunnel -> agent -> simulator, twice: on one keep-alive connection, and on a new connection each
-(which a flood at accept would delay). Three conditions in turn: no flood; `tests.flood.Flood`
-from 127.0.0.2 trying to hold `--connections` idle connections to the HTTP port, reopening each
-one the edge closes at once (or at most `--rate` a second); the same against the SSH port
-(connections that never authenticate). Each flood runs until the edge has refused
-`--connections` of it before the client starts, so the client meets it in its steady state.
+(which a flood at accept would delay). Three conditions in turn: no flood;
+`tests.support.flood.Flood` from 127.0.0.2 trying to hold `--connections` idle connections to
+the HTTP port, reopening each one the edge closes at once (or at most `--rate` a second); the
+same against the SSH port (connections that never authenticate). Each flood runs until the edge
+has refused `--connections` of it before the client starts, so the client meets it in its steady
+state.
 `--rounds` rounds of the three; each condition's samples are pooled over the rounds.
 
 Printed per condition: the client's p50/p99 and their ratio to no flood; the connections the
@@ -42,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import load, procs
 from bench.tunnel_bench import write_key
-from tests import flood
+from tests.support import flood
 
 AGENT = str(procs.BIN / "backhaul-agent")
 EDGE = str(procs.BIN / "backhaul-edge")

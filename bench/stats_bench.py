@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from shared.telemetry import RequestRecord
+from edge.record import RequestRecord
 
 TARGET_SECONDS = 10.0
 TARGET_RSS_MB = 100.0

@@ -10,7 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edge import keys_cli, serve, stats, tail
+from edge import serve
+from edge.ops import keys as keys_cli
+from edge.ops import stats, tail
 
 COMMANDS = (serve, stats, tail, keys_cli)
 

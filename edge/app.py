@@ -4,7 +4,7 @@ The outermost middleware owns each request's `Exchange`: it checks the raw path 
 allowlist, answers CORS preflights, renders every `EdgeError` in the route's own error shape,
 turns anything unexpected into a logged 500 without a traceback for the client, records a
 client that went away as `client_gone`, and writes exactly one telemetry line per request (but
-for anonymous refusals past their address's burst, which `edge.auth` counts instead).
+for anonymous refusals past their address's burst, which `edge.policy.guard` counts instead).
 App-wide resources (the upstream `ClientSession`, the telemetry writer, the liveness probe)
 live in one cleanup context.
 """
@@ -18,9 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import hdrs, web
 
-from edge import admission, auth, connections, demo, features, metrics, proxy
-from edge.body_limits import BodyLimits
-from edge.body_policy import BodyPolicy
+from edge import metrics
 from edge.errors import (
     EdgeError,
     Forbidden,
@@ -32,12 +30,18 @@ from edge.errors import (
     render,
 )
 from edge.exchange import EXCHANGE, ClientAddress, Exchange, request_id
-from edge.gate import Gate
-from edge.ollama import ModelPolicy
-from edge.protocol import SERVER_NAME
+from edge.http import demo
+from edge.http.protocol import SERVER_NAME
+from edge.policy import admission
+from edge.policy import guard as auth
+from edge.proxy import features
+from edge.proxy import handler as proxy
+from edge.proxy.body_limits import BodyLimits
+from edge.proxy.body_policy import BodyPolicy
+from edge.proxy.ollama import ModelPolicy
+from edge.record import RequestRecord
 from edge.routes import BY_PATH, ROUTES
 from edge.settings import EdgeSettings
-from edge.sshd import ssh_server_ctx
 from edge.state import (
     BODY_LIMITS,
     BODY_POLICY,
@@ -51,8 +55,10 @@ from edge.state import (
     UPSTREAM,
 )
 from edge.telemetry import TelemetryWriter
-from edge.upstream import State, UpstreamMonitor
-from shared.telemetry import RequestRecord
+from edge.upstreams import connections
+from edge.upstreams.gate import Gate
+from edge.upstreams.monitor import State, UpstreamMonitor
+from edge.upstreams.sshd import ssh_server_ctx
 
 log = structlog.get_logger(__name__)
 
@@ -265,7 +271,7 @@ def _preflight(request: web.Request, path: str, feature: features.Feature | None
 
 async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
     """On every response, errors and streams included: the request id and CORS headers, and a
-    `Server` header that names no software version (edge.protocol sets it on the rest)."""
+    `Server` header that names no software version (edge.http.protocol sets it on the rest)."""
     response.headers[hdrs.SERVER] = SERVER_NAME
     ex: Exchange | None = request.get(EXCHANGE)
     if ex is not None:

@@ -4,7 +4,7 @@
 shared.errors.BackhaulError
 └── EdgeError                       status, type, message, headers
     ├── InvalidRequest      400 invalid_request
-    ├── BadHttpRequest      400 bad_http_request  (not valid HTTP: answered by edge.protocol)
+    ├── BadHttpRequest      400 bad_http_request  (not valid HTTP: answered by edge.http.protocol)
     ├── UnknownClient       400 unknown_client   (a trusted proxy did not name the client)
     ├── Unauthorized        401 unauthorized
     ├── Forbidden           403 forbidden        (model or route not allowed)

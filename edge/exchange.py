@@ -14,9 +14,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 
 from aiohttp import web
 
-from edge.keys import ApiKey
+from edge.policy.keys import ApiKey
+from edge.record import RequestRecord
 from edge.routes import Route
-from shared.telemetry import RequestRecord
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The IPv6 prefix one subscriber holds: ISPs hand out a /64 (or more) per customer, so one client
@@ -32,10 +32,11 @@ class Exchange:
     route: Route | None = None
     headers_sent: bool = False
     upstream_s: float = 0.0  # seconds spent waiting on the upstream, for overhead_ms
-    key: ApiKey | None = None  # the caller's API key once authenticated (edge.auth)
-    rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.auth)
+    key: ApiKey | None = None  # the caller's API key once authenticated (edge.policy.guard)
+    rate_headers: dict[str, str] | None = None  # RateLimit-* for the response (edge.policy.guard)
     via_proxy: bool = False  # the peer is a trusted proxy: it is not the client (ClientAddress)
-    aggregated: bool = False  # counted in an aggregate instead of a telemetry line (edge.auth)
+    # Counted in an aggregate instead of a telemetry line (edge.policy.guard).
+    aggregated: bool = False
 
     @property
     def id(self) -> str:
@@ -68,7 +69,7 @@ class ClientAddress:
     saw; a client can only write to the left of it). When a trusted proxy names no usable
     address (no header, or the rightmost untrusted entry is not an IP address) the client is
     unknown (None), never the proxy's own address: every client shares that one, so bans and
-    per-address limits keyed on it would hit them all (`edge.auth` refuses such a request).
+    per-address limits keyed on it would hit them all (`edge.policy.guard` refuses such a request).
     """
 
     def __init__(self, trusted: list[str]) -> None:

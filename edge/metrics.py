@@ -21,10 +21,10 @@ metrics token (`BACKHAUL_EDGE_METRICS_TOKEN`, at least 32 characters, as `Author
 request whose peer is a trusted proxy (`BACKHAUL_EDGE_TRUSTED_PROXIES`), or which carries any
 forwarding header (`X-Forwarded-For`, `Forwarded`, `X-Real-IP`), is never a local scraper: a
 proxy need not add one (nginx adds none unless told to). A wrong token is a guess: it counts
-towards a ban of the client's address like a wrong API key (`edge.bans`), and a banned address
-gets no metrics. Why not a second, loopback-only port instead: it would be one more listener to
-own, and the proxy's requests are already told apart by their peer; a Prometheus on the VPS
-behind a trusted loopback proxy sends the token, one line of its config.
+towards a ban of the client's address like a wrong API key (`edge.policy.bans`), and a banned
+address gets no metrics. Why not a second, loopback-only port instead: it would be one more
+listener to own, and the proxy's requests are already told apart by their peer; a Prometheus on
+the VPS behind a trusted loopback proxy sends the token, one line of its config.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
-from edge.auth import GUARD, credentials
 from edge.errors import Forbidden
 from edge.exchange import EXCHANGE
-from edge.ollama import canonical_model
+from edge.policy.guard import GUARD, credentials
+from edge.proxy.ollama import canonical_model
+from edge.record import RequestRecord
 from edge.routes import BY_PATH
 from edge.state import GATE, SETTINGS, TELEMETRY, UPSTREAM
-from edge.upstream import State
-from shared.telemetry import RequestRecord
+from edge.upstreams.monitor import State
 
 log = structlog.get_logger(__name__)
 

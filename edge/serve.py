@@ -13,10 +13,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from edge.admission import LISTENERS, GuardedSite, raise_fd_limit
 from edge.app import create_app
-from edge.auth import GUARD
-from edge.protocol import EdgeRunner
+from edge.http.protocol import EdgeRunner
+from edge.policy.admission import LISTENERS, GuardedSite, raise_fd_limit
+from edge.policy.guard import GUARD
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
 from shared import runtime
@@ -70,7 +70,7 @@ async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) ->
 
     `started` is set once the listener is up (the demo and tests wait on it).
     """
-    # Before the app: its HTTP connection cap is derived from the limit (edge.admission).
+    # Before the app: its HTTP connection cap is derived from the limit (edge.policy.admission).
     nofile = raise_fd_limit()
     app = create_app(settings)
     runner = EdgeRunner(app, handler_cancellation=True, access_log=None)

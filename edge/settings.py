@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from edge.body_policy import check_extra_fields
+from edge.proxy.body_policy import check_extra_fields
 from shared.settings import BackhaulSettings
 
 # 32 characters of `openssl rand -hex` are 128 bits: past guessing at any rate a ban allows.
@@ -147,7 +147,8 @@ class EdgeSettings(BackhaulSettings):
     # client sends them: top-level names (`cache_prompt`) or options (`options.mirostat`); JSON
     # list. Never a field the edge reads or refuses itself (docs/security.md).
     extra_fields: list[str] = []
-    # Context-bomb limits on what the model is asked to read (edge.body_limits); 413 past them.
+    # Context-bomb limits on what the model is asked to read (edge.proxy.body_limits); 413
+    # past them.
     # Words are whitespace-separated runs; a token-id array counts a word a token.
     max_prompt_words: int = Field(50_000, ge=1)
     # Characters too, or a prompt without spaces would pass as one word: 8 a word is generous

@@ -8,15 +8,15 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from edge.body_limits import BodyLimits
-from edge.body_policy import BodyPolicy
-from edge.connections import Sessions
 from edge.exchange import ClientAddress
-from edge.gate import Gate
-from edge.ollama import ModelPolicy
+from edge.proxy.body_limits import BodyLimits
+from edge.proxy.body_policy import BodyPolicy
+from edge.proxy.ollama import ModelPolicy
 from edge.settings import EdgeSettings
 from edge.telemetry import TelemetryWriter
-from edge.upstream import UpstreamMonitor
+from edge.upstreams.connections import Sessions
+from edge.upstreams.gate import Gate
+from edge.upstreams.monitor import UpstreamMonitor
 
 SETTINGS = web.AppKey("settings", EdgeSettings)
 SESSION = web.AppKey("session", aiohttp.ClientSession)  # the pooled one of SESSIONS

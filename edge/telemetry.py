@@ -25,8 +25,8 @@ from pathlib import Path
 
 import structlog
 
+from edge.record import RequestRecord
 from shared.errors import ConfigError
-from shared.telemetry import RequestRecord
 
 log = structlog.get_logger(__name__)
 

@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from agent.keygen import generate
-from edge.sshd import load_or_create_host_key
+from edge.upstreams.sshd import load_or_create_host_key
 
 BIN = Path(sys.executable).parent
 OLLAMA = "http://127.0.0.1:11434"

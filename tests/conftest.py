@@ -1,4 +1,4 @@
-"""Shared fixtures: an aiohttp client session for talking to the servers in tests/servers.py."""
+"""Shared fixtures: an aiohttp client session for the servers in tests/support/servers.py."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import metrics_server
 from agent.status import StatusBoard
-from tests.servers import free_port
-from tests.sshd_fixtures import agent_settings, authorize_agent, embedded_server, running_tunnel
+from tests.support.servers import free_port
+from tests.support.sshd import agent_settings, authorize_agent, embedded_server, running_tunnel
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

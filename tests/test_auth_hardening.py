@@ -23,12 +23,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge import body_json
-from edge.auth import GUARD, AnonymousLines
 from edge.exchange import Exchange
-from shared.telemetry import RequestRecord
-from tests.keyfiles import Clock, bearer, captured_logs, keyed, reached, write_keys
-from tests.servers import edge, simulator
+from edge.policy.guard import GUARD, AnonymousLines
+from edge.proxy import body_json
+from edge.record import RequestRecord
+from tests.support.keyfiles import Clock, bearer, captured_logs, keyed, reached, write_keys
+from tests.support.servers import edge, simulator
 
 MODEL = "llama3.2:1b"
 GEN = {"model": MODEL, "prompt": "why", "stream": False}

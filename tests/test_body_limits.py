@@ -8,9 +8,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from edge.body_limits import BodyLimits, check, count_words
 from edge.errors import InvalidRequest, PayloadTooLarge
-from tests.servers import edge, simulator
+from edge.proxy.body_limits import BodyLimits, check, count_words
+from tests.support.servers import edge, simulator
 
 LIMITS = BodyLimits(max_prompt_chars=100, max_prompt_words=10, max_messages=3, max_images=2)
 IMG = "iVBORw0KGgo="  # base64 bytes; their content does not matter here

@@ -1,7 +1,7 @@
 """The body sent upstream is built, not relayed: the rules hold in the model server's reading.
 
 The unit tests drive `BodyPolicy.build` alone; the others send bodies through the real edge to
-the real simulator, which decodes them as Ollama's Go server does (`agent.simulator_gojson`),
+the real simulator, which decodes them as Ollama's Go server does (`simulator.gojson`),
 and assert on what it decoded. The property test generates bodies the way an attacker would
 write them (key casings, KELVIN SIGN and LONG S, duplicates, nested options, cloud spellings,
 every output field, answer counts, long prompts) and checks whatever reached the model server.
@@ -22,14 +22,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.simulator import RunningSimulator
-from agent.simulator_models import is_cloud, model_key
-from edge.body_policy import BodyPolicy, go_fold
 from edge.errors import Forbidden, InvalidRequest
-from edge.ollama import LOAD_TIME_OPTIONS, ModelPolicy
+from edge.proxy.body_policy import BodyPolicy, go_fold
+from edge.proxy.ollama import LOAD_TIME_OPTIONS, ModelPolicy
 from edge.routes import BY_PATH
 from edge.settings import EdgeSettings
-from tests.servers import Edge, edge, simulator
+from simulator.models import is_cloud, model_key
+from simulator.serve import RunningSimulator
+from tests.support.servers import Edge, edge, simulator
 
 LIMIT_S = 10.0
 CAP = 50

@@ -18,13 +18,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.cdp import Page, chromium, find_chromium
-from tests.keyfiles import write_keys
-from tests.servers import edge, serving, simulator
+from tests.support.cdp import Page, chromium, find_chromium
+from tests.support.keyfiles import write_keys
+from tests.support.servers import edge, serving, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "demo.html"
-PACKAGE_PAGE = ROOT / "edge" / "demo.html"
+PACKAGE_PAGE = ROOT / "edge" / "http" / "demo.html"
 
 # Fill the form, press Send, and wait (in the page, at most 10 s) until the call has ended;
 # return what a person would read: the status line, the answer, the figures.
@@ -84,7 +84,7 @@ async def page_site() -> AsyncIterator[str]:
 
 
 def test_docs_page_is_the_served_page():
-    # docs/demo.html (what developers copy) is a link to edge/demo.html (what /demo serves).
+    # docs/demo.html (what developers copy) is a link to edge/http/demo.html (what /demo serves).
     assert DOCS_PAGE.resolve() == PACKAGE_PAGE.resolve()
 
 

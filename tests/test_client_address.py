@@ -7,10 +7,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge.auth import GUARD
 from edge.exchange import address_group, canonical_address
-from tests.keyfiles import bearer, captured_logs, keyed, reached, write_keys
-from tests.servers import edge, simulator
+from edge.policy.guard import GUARD
+from tests.support.keyfiles import bearer, captured_logs, keyed, reached, write_keys
+from tests.support.servers import edge, simulator
 
 
 @pytest.mark.parametrize(

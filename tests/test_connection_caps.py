@@ -1,4 +1,4 @@
-"""Connection caps on the HTTP port (edge.admission): refused at accept, per address and in
+"""Connection caps on the HTTP port (edge.policy.admission): refused at accept, per address and in
 total, trusted proxies exempt from the first, every refusal counted, logged once per window.
 
 The edge runs as `serve()` runs it (`GuardedSite` over the real `create_app`); the attacker
@@ -19,7 +19,9 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.admission import (
+from edge.app import create_app
+from edge.metrics import METRICS
+from edge.policy.admission import (
     LISTENERS,
     Admission,
     GuardedSite,
@@ -27,12 +29,10 @@ from edge.admission import (
     MaxStartups,
     derived_total,
 )
-from edge.app import create_app
-from edge.metrics import METRICS
 from edge.settings import EdgeSettings
-from tests.flood import ATTACKER, close_all, connect, http_status, refused
-from tests.keyfiles import Clock, captured_logs
-from tests.servers import free_port
+from tests.support.flood import ATTACKER, close_all, connect, http_status, refused
+from tests.support.keyfiles import Clock, captured_logs
+from tests.support.servers import free_port
 
 
 @dataclass

@@ -54,7 +54,7 @@ def error_types() -> dict[str, int | str]:
 
 def test_errors_reference_has_every_error_type():
     text = (DOCS / "errors.md").read_text()
-    # Types recorded without an EdgeError of their own (edge.proxy, edge.app).
+    # Types recorded without an EdgeError of their own (edge.proxy.handler, edge.app).
     record_only = {"upstream_broken", "http_error"}
     for kind, status in error_types().items():
         row = re.search(rf"^\| {status} \| \[`{kind}`\]", text, re.MULTILINE)

@@ -11,8 +11,8 @@ import orjson
 import pytest
 import structlog
 
-from tests.keyfiles import captured_logs
-from tests.servers import edge, simulator
+from tests.support.keyfiles import captured_logs
+from tests.support.servers import edge, simulator
 
 FORBIDDEN_PATHS = [
     "/api/pull",

@@ -10,11 +10,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from agent.simulator import running_simulator
 from edge.state import UPSTREAM
-from edge.upstream import State
-from tests.keyfiles import captured_logs
-from tests.servers import edge, free_port, raw_server, serving, simulator
+from edge.upstreams.monitor import State
+from simulator.serve import running_simulator
+from tests.support.keyfiles import captured_logs
+from tests.support.servers import edge, free_port, raw_server, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.servers import edge, serving, simulator
+from tests.support.servers import edge, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 

@@ -8,7 +8,7 @@ import ollama
 import openai
 import pytest
 
-from tests.servers import edge, simulator
+from tests.support.servers import edge, simulator
 
 MODEL = "llama3.2:1b"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import orjson
 
-from edge.admission import derived_total
-from tests.servers import free_port
+from edge.policy.admission import derived_total
+from tests.support.servers import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from edge.record import FIELDS, RequestRecord, parse_line
 from edge.state import TELEMETRY
 from edge.telemetry import TelemetryWriter
-from shared.telemetry import FIELDS, RequestRecord, parse_line
-from tests.servers import edge, simulator
+from tests.support.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 

@@ -12,8 +12,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.keyfiles import assert_no_secret, bearer, captured_logs, keyed, write_keys
-from tests.servers import edge, serving, simulator
+from tests.support.keyfiles import assert_no_secret, bearer, captured_logs, keyed, write_keys
+from tests.support.servers import edge, serving, simulator
 
 ORIGIN = "https://blog.example"
 SCHEMA = {

@@ -4,7 +4,7 @@ the edge's ports does not stop a normal client from being served, through the tu
 The edge runs as a process of its own, started with systemd's default soft descriptor limit
 (1,024) under a higher hard one, as a unit without `LimitNOFILE` gets it. Before the fix 1,100
 idle connections to either port exhausted its descriptors and every tunnelled request failed.
-The attackers (`tests.flood.Flood`, one process per port) connect from 127.0.0.2 and reopen
+The attackers (`tests.support.flood.Flood`, one process per port) connect from 127.0.0.2 and reopen
 every connection the edge closes, as a real one would; the agent and the normal client connect
 from 127.0.0.1, the client on a new connection for each request. With the caps set out of reach
 (100,000 each) this test fails: the edge runs out of descriptors and resets the normal client's
@@ -28,10 +28,10 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.simulator import running_simulator
-from tests import flood
-from tests.servers import free_port
-from tests.sshd_fixtures import GEN, agent_settings, authorize_agent, running_tunnel
+from simulator.serve import running_simulator
+from tests.support import flood
+from tests.support.servers import free_port
+from tests.support.sshd import GEN, agent_settings, authorize_agent, running_tunnel
 
 BIN = Path(sys.executable).parent
 SOFT = 1024  # systemd's default soft limit

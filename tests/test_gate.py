@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 
 from edge.errors import Overloaded
-from edge.gate import Gate, Slot
 from edge.state import GATE
-from tests.keyfiles import bearer, write_keys
-from tests.servers import edge, simulator
+from edge.upstreams.gate import Gate, Slot
+from tests.support.keyfiles import bearer, write_keys
+from tests.support.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 

@@ -26,11 +26,11 @@ import aiohttp
 import orjson
 import pytest
 
-from edge.auth import GUARD
-from edge.keys import digest, new_secret
+from edge.policy.guard import GUARD
+from edge.policy.keys import digest, new_secret
 from shared.errors import ConfigError
-from tests.keyfiles import bearer, captured_logs, keyed, write_keys
-from tests.servers import edge, free_port
+from tests.support.keyfiles import bearer, captured_logs, keyed, write_keys
+from tests.support.servers import edge, free_port
 
 BIN = Path(sys.executable).parent
 # Seconds a started edge has to answer /healthz, and a stopped one to exit.

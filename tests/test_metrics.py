@@ -14,12 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from edge.metrics import METRICS, OTHER, Scrape, scrape_access
+from edge.record import RequestRecord
 from edge.settings import EdgeSettings
 from edge.state import GATE, SESSION, UPSTREAM
 from shared.errors import ConfigError
-from shared.telemetry import RequestRecord
-from tests.keyfiles import captured_logs
-from tests.servers import edge, simulator
+from tests.support.keyfiles import captured_logs
+from tests.support.servers import edge, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}

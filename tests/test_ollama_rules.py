@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge.ollama import ModelPolicy, canonical_model, filter_models, is_cloud_model
+from edge.proxy import usage
+from edge.proxy.ollama import ModelPolicy, canonical_model, filter_models, is_cloud_model
 from edge.routes import BY_PATH
-from shared import usage
 
 OPEN = ModelPolicy([])
 

@@ -16,10 +16,10 @@ import asyncssh
 import pytest
 
 from agent.errors import AuthRefused, ForwardMisconfigured
-from agent.simulator import running_simulator
 from edge.state import SESSION, UPSTREAM
-from tests.servers import edge, free_port
-from tests.sshd_fixtures import (
+from simulator.serve import running_simulator
+from tests.support.servers import edge, free_port
+from tests.support.sshd import (
     GEN,
     HalfOpenRelay,
     OpenSSHServer,

@@ -10,9 +10,9 @@ import aiohttp
 import orjson
 import pytest
 
-from edge.auth import GUARD
-from edge.bans import BanList
-from tests.keyfiles import (
+from edge.policy.bans import BanList
+from edge.policy.guard import GUARD
+from tests.support.keyfiles import (
     Clock,
     assert_no_secret,
     bearer,
@@ -21,7 +21,7 @@ from tests.keyfiles import (
     reached,
     write_keys,
 )
-from tests.servers import edge, simulator
+from tests.support.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "why", "stream": False}
 

@@ -13,10 +13,18 @@ import orjson
 import pytest
 
 from edge.__main__ import main as edge_main
-from edge.auth import GUARD
-from edge.keys import read_keys_file
-from tests.keyfiles import assert_no_secret, bearer, captured_logs, keyed, past, reached, write_keys
-from tests.servers import edge, simulator
+from edge.policy.guard import GUARD
+from edge.policy.keys import read_keys_file
+from tests.support.keyfiles import (
+    assert_no_secret,
+    bearer,
+    captured_logs,
+    keyed,
+    past,
+    reached,
+    write_keys,
+)
+from tests.support.servers import edge, simulator
 
 MODEL = "llama3.2:1b"
 GEN = {"model": MODEL, "prompt": "why", "stream": False}

@@ -8,10 +8,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge.auth import GUARD
-from edge.limits import Buckets
-from tests.keyfiles import Clock, assert_no_secret, bearer, captured_logs, keyed, write_keys
-from tests.servers import edge, simulator
+from edge.policy.guard import GUARD
+from edge.policy.limits import Buckets
+from tests.support.keyfiles import Clock, assert_no_secret, bearer, captured_logs, keyed, write_keys
+from tests.support.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 

@@ -20,9 +20,9 @@ import ollama
 import openai
 import pytest
 
-from agent import simulator_gojson as gojson
-from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
-from agent.simulator_app import BUSY
+from simulator import gojson
+from simulator.app import BUSY
+from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
 
 LIMIT_S = 10.0  # bound on every wait; the whole file takes a few seconds
 FAST = SimulatorSettings(reply_tokens=5)

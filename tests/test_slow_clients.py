@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from edge.state import GATE
-from tests.servers import edge, serving, simulator
+from tests.support.servers import edge, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 

@@ -12,12 +12,12 @@ import aiohttp
 import asyncssh
 import pytest
 
-from agent.simulator import running_simulator
-from edge.sshd import CIPHER_ALGS, SSH_SERVER, EmbeddedSSHServer
 from edge.state import SESSION, UPSTREAM
-from tests import flood
-from tests.servers import free_port
-from tests.sshd_fixtures import (
+from edge.upstreams.sshd import CIPHER_ALGS, SSH_SERVER, EmbeddedSSHServer
+from simulator.serve import running_simulator
+from tests.support import flood
+from tests.support.servers import free_port
+from tests.support.sshd import (
     GEN,
     EmbeddedVPS,
     agent_settings,

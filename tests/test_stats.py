@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from edge.__main__ import main
-from edge.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
-from edge.stats import parse_since, parse_time
-from shared.telemetry import RequestRecord
+from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
+from edge.ops.stats import parse_since, parse_time
+from edge.record import RequestRecord
 
 BASE = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 

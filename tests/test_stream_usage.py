@@ -19,11 +19,11 @@ import openai
 import orjson
 import pytest
 
-from agent import simulator_wire as wire
-from edge.auth import GUARD
-from shared.usage import TokenCount, estimate_prompt_tokens
-from tests.keyfiles import Clock, bearer, keyed, write_keys
-from tests.servers import Edge, edge, simulator
+from edge.policy.guard import GUARD
+from edge.proxy.usage import TokenCount, estimate_prompt_tokens
+from simulator import wire
+from tests.support.keyfiles import Clock, bearer, keyed, write_keys
+from tests.support.servers import Edge, edge, simulator
 
 MODEL = "llama3.2:1b"
 PROMPT = "why is the sky blue"

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge.__main__ import main
-from edge.logfiles import LogFollower
-from edge.tail import format_record, tail_log
-from shared.telemetry import RequestRecord
+from edge.ops.logfiles import LogFollower
+from edge.ops.tail import format_record, tail_log
+from edge.record import RequestRecord
 
 
 def line(i: int, **fields) -> bytes:

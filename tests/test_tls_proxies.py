@@ -1,6 +1,6 @@
 """The edge behind a real nginx and a real Caddy, each set up as docs/deploy.md section 4 says.
 
-What the recipes promise, checked through both over TLS (tests/proxy_fixtures.py reads the
+What the recipes promise, checked through both over TLS (tests/support/proxies.py reads the
 recipes from the docs and says what differs from them): the edge records the address the proxy
 saw, never one the client wrote; 10 bad keys ban the guesser, not everyone behind the proxy;
 `/metrics` through the proxy needs the token; a stream reaches the client as it is made.
@@ -20,10 +20,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edge.auth import GUARD
-from tests.keyfiles import bearer, keyed, write_keys
-from tests.proxy_fixtures import requires, running_proxy
-from tests.servers import edge, simulator
+from edge.policy.guard import GUARD
+from tests.support.keyfiles import bearer, keyed, write_keys
+from tests.support.proxies import requires, running_proxy
+from tests.support.servers import edge, simulator
 
 PROXIES = [
     pytest.param(kind, marks=[pytest.mark.proxies, requires(kind)]) for kind in ("nginx", "caddy")

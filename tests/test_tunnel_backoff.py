@@ -17,7 +17,7 @@ from agent.errors import (
     Replaced,
     classify,
 )
-from edge import sshd
+from edge.upstreams import sshd
 from shared.errors import ConfigError
 
 

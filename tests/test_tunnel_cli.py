@@ -14,11 +14,11 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from agent.simulator import running_simulator
 from agent.status import STATUS_FILE, StatusBoard
-from edge.sshd import SSH_SERVER
-from tests.servers import free_port
-from tests.sshd_fixtures import GEN, authorize_agent, edge_with_sshd, pin
+from edge.upstreams.sshd import SSH_SERVER
+from simulator.serve import running_simulator
+from tests.support.servers import free_port
+from tests.support.sshd import GEN, authorize_agent, edge_with_sshd, pin
 
 AGENT = str(Path(sys.executable).parent / "backhaul-agent")
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from agent.errors import ForwardMisconfigured, HostKeyRejected, Replaced
-from agent.simulator import running_simulator
 from agent.status import StatusBoard
-from tests.servers import free_port
-from tests.sshd_fixtures import (
+from simulator.serve import running_simulator
+from tests.support.servers import free_port
+from tests.support.sshd import (
     HalfOpenRelay,
     agent_settings,
     authorize_agent,

@@ -10,15 +10,15 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from agent.model_server import ModelServer
 from agent.settings import AgentSettings
-from agent.simulator import SimulatorSettings, running_simulator
 from agent.status import StatusBoard
-from agent.upstream import ModelServer
-from edge.sshd import SSH_SERVER
 from edge.state import SESSION, UPSTREAM
+from edge.upstreams.sshd import SSH_SERVER
 from shared.notify import Notifier
-from tests.servers import free_port, serving
-from tests.sshd_fixtures import agent_settings, authorize_agent, edge_with_sshd, running_tunnel
+from simulator.serve import SimulatorSettings, running_simulator
+from tests.support.servers import free_port, serving
+from tests.support.sshd import agent_settings, authorize_agent, edge_with_sshd, running_tunnel
 
 MODEL = "llama3.2:1b"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from tests.servers import edge, serving
+from tests.support.servers import edge, serving
 
 
 async def test_non_json_model_list_is_a_clear_502(tmp_path: Path, http: aiohttp.ClientSession):

@@ -24,10 +24,10 @@ import orjson
 import pytest
 
 from edge.metrics import METRICS
-from edge.sshd import SSH_SERVER
 from edge.state import SESSION, UPSTREAM
-from tests.servers import Edge, edge, free_port
-from tests.sshd_fixtures import agent_process, authorize_agent, edge_with_sshd
+from edge.upstreams.sshd import SSH_SERVER
+from tests.support.servers import Edge, edge, free_port
+from tests.support.sshd import agent_process, authorize_agent, edge_with_sshd
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi"}
 ANSWER = {"model": "llama3.2:1b", "response": "hi", "done": True, "eval_count": 2}

@@ -28,11 +28,11 @@ connection, and Ollama stops generating), the connection is aborted, and the out
 `CLIENT_STALLED`. The kernel's own buffers take a few MB before any of this begins: a client
 that stops reading a shorter answer simply leaves it there, and holds nothing of ours.
 
-Counting. The reader also counts the generated tokens as they pass (`shared.usage.TokenCount`,
+Counting. The reader also counts the generated tokens as they pass (`edge.proxy.usage.TokenCount`,
 one per line with text) and changes nothing: the caller charges that count when the upstream
 reported no usage (an OpenAI-style stream the client did not ask usage for) or never reached
 its final figures (a stream cut short). Why count rather than ask the upstream for usage and
-drop it from the stream: `shared.usage`.
+drop it from the stream: `edge.proxy.usage`.
 
 Resource handling: the reader releases the upstream response when it was read to the end and
 closes it on any other exit; the caller's own `with` blocks stay the owners of the response and
@@ -53,7 +53,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from shared.usage import TokenCount
+from edge.proxy.usage import TokenCount
 
 # The end of a stream kept to read its final figures: Ollama's last NDJSON line or the SSE usage
 # chunk is a few hundred bytes; 16 KiB also covers a final chunk that still carries content.

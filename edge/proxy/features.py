@@ -23,9 +23,9 @@ import orjson
 import structlog
 from aiohttp import web
 
-from edge import proxy
 from edge.errors import InvalidModelOutput, InvalidRequest, NotFound, PayloadTooLarge
 from edge.exchange import EXCHANGE, Exchange
+from edge.proxy import handler as proxy
 from edge.routes import BY_PATH
 from edge.settings import EdgeSettings, FeatureSettings
 from edge.state import SETTINGS

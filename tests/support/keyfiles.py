@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import structlog
 
-from edge.keys import ApiKey, KeysFile, digest, new_secret, write_keys_file
-from tests.servers import Edge
+from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, write_keys_file
+from tests.support.servers import Edge
 
 
 def write_keys(path: Path, **keys: dict[str, Any]) -> dict[str, str]:

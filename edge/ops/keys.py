@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from edge.keys import ApiKey, KeysFile, digest, new_secret, read_keys_file, write_keys_file
+from edge.ops.stats import time_arg
+from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, read_keys_file, write_keys_file
 from edge.settings import EdgeSettings
-from edge.stats import time_arg
 from shared.errors import ConfigError
 
 # Hours, days and weeks: `m` is left out, since in an expiry it reads as months as well as minutes.

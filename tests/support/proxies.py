@@ -40,9 +40,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
-DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy.md"
+DEPLOY = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 SITE = "llm.example.com"  # the recipes' server name, kept: clients resolve it to 127.0.0.1
 EDGE_IN_RECIPES = "127.0.0.1:8080"
 BINARIES = {"nginx": Path("/usr/sbin/nginx"), "caddy": Path("/usr/bin/caddy")}

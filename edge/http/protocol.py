@@ -35,7 +35,7 @@ from aiohttp.web_request import BaseRequest
 
 from edge.errors import BadHttpRequest, EdgeError, InternalError, render
 from edge.exchange import request_id
-from edge.limits import Buckets
+from edge.policy.limits import Buckets
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """`backhaul-edge tail`: follow the telemetry log live, one compact line per request.
 
 Shows the last N records, then follows the file across rotation and truncation like `tail -F`
-(`edge.logfiles.LogFollower`, polling every quarter second: the log is written at most a few
+(`edge.ops.logfiles.LogFollower`, polling every quarter second: the log is written at most a few
 hundred times a second and a poll is one `read` and one `stat`). Each line holds time (UTC),
 status, feature or route, model, key, tokens in->out, tok/s and elapsed, then the error type or
 outcome of a failure; on a terminal the status is coloured by class (2xx green, 3xx cyan, 4xx
@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.logfiles import LogFollower
-from edge.stats import DEFAULT_PATH
-from shared.telemetry import parse_line
+from edge.ops.logfiles import LogFollower
+from edge.ops.stats import DEFAULT_PATH
+from edge.record import parse_line
 
 DESCRIPTION = """\
 Show the last N records of the edge's JSONL telemetry log, then follow it across rotation and

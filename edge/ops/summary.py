@@ -1,7 +1,7 @@
 """What a telemetry log says: the figures per group, read in one streaming pass.
 
-`summarise` reads each file a line at a time (plain or gzip'd, `edge.logfiles.open_log`), parses
-it with orjson (`shared.telemetry.parse_line`) and adds it to its group's `GroupStats`: counters,
+`summarise` reads each file a line at a time (plain or gzip'd, `edge.ops.logfiles.open_log`), parses
+it with orjson (`edge.record.parse_line`) and adds it to its group's `GroupStats`: counters,
 sums, and four `QuantileSketch`es (exact up to 8,192 values, then a log-bucketed histogram within
 1 %), so memory depends on the number of groups, never on the size of the log. A line that is not
 a record (corrupt, cut short by a crash, a figure that is not a number) is counted and left out
@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edge.logfiles import open_log
-from edge.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
-from shared.telemetry import parse_line
+from edge.ops.logfiles import open_log
+from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
+from edge.record import parse_line
 
 # What a figure or the error type may be; bool is not a number here (it is a corrupt record).
 _NUMBER_TYPES = frozenset({int, float, type(None)})
@@ -198,5 +198,5 @@ def _read_lines(file: Iterable[bytes], summary: Summary) -> None:
 
 
 def ts_text(when: datetime) -> str:
-    """`when` in the `ts` format (`shared.telemetry.utc_now_iso`): text order is time order."""
+    """`when` in the `ts` format (`edge.record.utc_now_iso`): text order is time order."""
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

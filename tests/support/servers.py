@@ -18,12 +18,12 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from agent.simulator import RunningSimulator, SimulatorSettings, running_simulator
 from edge.app import create_app
 from edge.exchange import EXCHANGE
-from edge.protocol import EdgeRunner
+from edge.http.protocol import EdgeRunner
 from edge.settings import EdgeSettings
 from edge.state import TELEMETRY
+from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
 
 
 @asynccontextmanager
@@ -44,7 +44,7 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
 
 
 def simulator(**settings: Any) -> AbstractAsyncContextManager[RunningSimulator]:
-    """`agent.simulator.running_simulator` with its settings as keywords."""
+    """`simulator.serve.running_simulator` with its settings as keywords."""
     return running_simulator(SimulatorSettings(**settings))
 
 

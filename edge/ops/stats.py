@@ -1,7 +1,7 @@
 """`backhaul-edge stats`: the command line, `--since`, and the report as a table or JSON.
 
-The reading and the figures are `edge.summary`'s (one streaming pass, bounded memory); which
-files are read is `edge.logfiles`'s rule (each FILE with its rotated `FILE.N` and `FILE.N.gz`,
+The reading and the figures are `edge.ops.summary`'s (one streaming pass, bounded memory); which
+files are read is `edge.ops.logfiles`'s rule (each FILE with its rotated `FILE.N` and `FILE.N.gz`,
 oldest first). Exit status: 0 when the report was printed, 1 when there was no log to read, 2 on
 a usage error.
 """
@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from edge.logfiles import expand_paths
-from edge.quantiles import EXACT_LIMIT, RELATIVE_ERROR
+from edge.ops.logfiles import expand_paths
+from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR
+from edge.ops.summary import Summary, summarise, ts_text
 from edge.settings import EdgeSettings
-from edge.summary import Summary, summarise, ts_text
 
 DESCRIPTION = """\
 Summarise the edge's JSONL telemetry log: requests, errors by type, elapsed and TTFB p50/p95/p99,

@@ -1,6 +1,7 @@
 """The VPS side for the tunnel tests: real SSH servers and a half-open relay on 127.0.0.1.
 
-- `embedded_server()`: the edge's own asyncssh server (`edge.sshd`), in-process: the fast tier.
+- `embedded_server()`: the edge's own asyncssh server (`edge.upstreams.sshd`), in-process: the
+  fast tier.
 - `OpenSSHServer`: a real, unprivileged `/usr/sbin/sshd -D -e -f cfg` on a high loopback port with
   its own host key, pid file and authorized_keys, and the `Match User` block docs/deploy.md
   ships. It logs in only the user running the tests (root here and in CI, via
@@ -36,8 +37,8 @@ from agent.keygen import authorized_keys_line, generate
 from agent.settings import AgentSettings
 from agent.tunnel import Tunnel
 from edge.settings import EdgeSettings
-from edge.sshd import EmbeddedSSHServer
-from tests.servers import Edge, edge, free_port
+from edge.upstreams.sshd import EmbeddedSSHServer
+from tests.support.servers import Edge, edge, free_port
 
 SSHD = Path("/usr/sbin/sshd")
 AGENT = str(Path(sys.executable).parent / "backhaul-agent")

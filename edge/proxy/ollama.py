@@ -1,6 +1,6 @@
 """Wire facts about the model server's API: model names as Ollama reads them, which models a
 caller may use, and filtering model lists and details (DESIGN.md §4 "Body sanitising"; the body
-sent upstream is built by `edge.body_policy`).
+sent upstream is built by `edge.proxy.body_policy`).
 
 Everything here is a pure function, so it is tested without a network. The facts behind each
 rule (which options force a reload, why `*-cloud` models are refused) are in

@@ -36,12 +36,12 @@ from collections.abc import AsyncIterator, Callable, Hashable
 import structlog
 from aiohttp import hdrs, web
 
-from edge.bans import BanList
 from edge.errors import Banned, Forbidden, RateLimited, Unauthorized, UnknownClient
 from edge.exchange import Exchange, address_group
-from edge.features import Feature
-from edge.keys import ApiKey, KeyStore
-from edge.limits import Buckets, Decision
+from edge.policy.bans import BanList
+from edge.policy.keys import ApiKey, KeyStore
+from edge.policy.limits import Buckets, Decision
+from edge.proxy.features import Feature
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS
 
@@ -248,7 +248,7 @@ class Guard:
 class AnonymousLines:
     """Which anonymous refusals get a telemetry line each, and a count of those that did not.
 
-    Memory is bounded: the buckets as `edge.limits` keeps them, and at most `max_entries`
+    Memory is bounded: the buckets as `edge.policy.limits` keeps them, and at most `max_entries`
     counted addresses between two reports (the ones past that are counted under `*`).
     """
 

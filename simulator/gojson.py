@@ -13,7 +13,7 @@ as Ollama does rather than as Python does, and records what it read (`SeenReques
 - a value of the wrong type is a 400, in Go's words.
 Checked against Go 1.19's encoding/json. The structs are Ollama's api/types.go and
 openai/openai.go ones, cut to the fields the simulator or the tests read; written here apart from
-the edge's own tables (`edge.body_policy`) on purpose, so a mistake in one shows in the other.
+the edge's own tables (`edge.proxy.body_policy`) on purpose, so a mistake in one shows in the other.
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ import aiohttp
 import structlog
 from aiohttp.http import RawResponseMessage
 
+from edge.record import RequestRecord
 from edge.settings import EdgeSettings
-from shared.telemetry import RequestRecord
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +128,7 @@ async def send(
     new connection, if a reused one was found dead (module doc). `record.upstream_retries`
     counts the resends, aiohttp's own included.
 
-    Error handling: aiohttp's errors propagate unchanged; `edge.proxy.map_upstream_errors`
+    Error handling: aiohttp's errors propagate unchanged; `edge.proxy.handler.map_upstream_errors`
     translates them.
     """
     attempt = Attempt()

@@ -1,10 +1,10 @@
 """The simulator's entry points: serve it in-process for tests, or as `backhaul-agent simulate`.
 
 The demo, the tests and the benchmarks need a model server and this machine has no GPU: they
-get a real aiohttp server on loopback that speaks Ollama's API (`agent.simulator_app`), from
+get a real aiohttp server on loopback that speaks Ollama's API (`simulator.app`), from
 `running_simulator()` (or `start_simulator()` when the caller wants to own the runner). The
 `simulate` command serves the same app until SIGINT or SIGTERM. The names the rest of backhaul
-uses are re-exported here, so `agent.simulator` is the only import a caller needs.
+uses are re-exported here, so `simulator.serve` is the only import a caller needs.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from agent.simulator_app import (
+from shared import runtime
+from shared.logging import configure_logging
+from simulator.app import (
     SIM_STATS,
     SeenRequest,
     SimulatorSettings,
     SimulatorStats,
     create_simulator_app,
 )
-from shared import runtime
-from shared.logging import configure_logging
 
 __all__ = [
     "SIM_STATS",

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.errors import Forbidden, InvalidRequest
-from edge.ollama import GO_SPACE, LOAD_TIME_OPTIONS, ModelPolicy
+from edge.proxy.ollama import GO_SPACE, LOAD_TIME_OPTIONS, ModelPolicy
 from edge.routes import Kind, Route
 
 # Go's `foldName` (encoding/json): ASCII case, plus the only two non-ASCII runes whose simple

@@ -15,7 +15,7 @@ keepalives drop a silent agent after interval x (count_max + 1). Presence is exa
 asyncssh sets TCP_NODELAY on the SSH socket and on every forwarded socket, so no Nagle stall.
 
 The listener is the edge's own (`loop.create_server`), with asyncssh's connection behind
-`edge.admission.guarded`: a connection past the caps (per address, in total, unauthenticated
+`edge.policy.admission.guarded`: a connection past the caps (per address, in total, unauthenticated
 ones as sshd's MaxStartups, handshakes per address) is closed at accept, before asyncssh does any
 work for it. Only modern algorithms are offered (`KEX_ALGS`, `MAC_ALGS`, `CIPHER_ALGS`).
 """
@@ -36,7 +36,7 @@ from aiohttp import web
 from asyncssh.forward import SSHLocalPortForwarder
 from asyncssh.listener import create_tcp_local_listener
 
-from edge.admission import LISTENERS, Admission, Ticket, guarded, ssh_admission
+from edge.policy.admission import LISTENERS, Admission, Ticket, guarded, ssh_admission
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS, UPSTREAM
 from shared.errors import ConfigError
@@ -72,7 +72,7 @@ CIPHER_ALGS = (
     "aes128-ctr",
 )
 KEX_ALGS = tuple(alg for alg in _KEX_PREFERRED if alg.encode() in asyncssh.kex.get_kex_algs())
-# Connections the kernel may queue for accept (as edge.admission's HTTP listener).
+# Connections the kernel may queue for accept (as edge.policy.admission's HTTP listener).
 _BACKLOG = 1024
 # Seconds to wait for a replaced connection to release the port before refusing the new bind.
 _REPLACE_TIMEOUT_S = 2.0

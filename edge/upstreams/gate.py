@@ -17,7 +17,7 @@ newcomer's key. So a flood costs the flooder, and a quiet key always gets a plac
 
 The slot a caller holds is a `Slot` whose `release()` may come before its `with` block ends: a
 streamed answer releases the slot when the upstream finishes, while the edge is still writing
-the buffered rest to a slow client (`edge.proxy`). Releasing twice is harmless.
+the buffered rest to a slow client (`edge.proxy.handler`). Releasing twice is harmless.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ A refused connection is closed by the edge at accept, before it writes a byte: t
 end-of-file (or a reset). An admitted one stays open; the SSH port greets it with its version.
 
 `Flood` is the attacker that matters for "no anonymous take-down": a process of its own
-(`python -m tests.flood PORT COUNT`) that tries to hold `COUNT` idle connections to one port and
-reopens every connection the server closes or refuses, at once (or at most `--rate` a second),
-as a real attacker does. One that opened its connections once and let them go would measure
+(`python -m tests.support.flood PORT COUNT`) that tries to hold `COUNT` idle connections to one
+port and reopens every connection the server closes or refuses, at once (or at most `--rate` a
+second), as a real attacker does. One that opened its connections once and let them go would measure
 nothing: an edge without caps outlives it, since its login and keep-alive timeouts close what
 the flood holds and the agent gets the freed descriptors. A process, not a task, so that its
 CPU is not the measuring client's; a selector loop over plain sockets, so that it is as fast as
@@ -37,7 +37,7 @@ from types import FrameType
 from typing import cast
 
 ATTACKER = "127.0.0.2"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Seconds a flood process lives at most, even if its parent hangs; it stops when the parent exits.
 FLOOD_DEADLINE_S = 120.0
 
@@ -222,7 +222,7 @@ def main() -> None:
 
 
 class Flood:
-    """A running `python -m tests.flood`: `stop()` ends it and returns its `FloodStats`."""
+    """A running `python -m tests.support.flood`: `stop()` ends it and returns its `FloodStats`."""
 
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
@@ -241,7 +241,7 @@ class Flood:
 def flooding(port: int, count: int, source: str = ATTACKER, rate: float = 0.0) -> Iterator[Flood]:
     """A `Flood` of `count` connections to `port` from `source` for the length of the block,
     yielded once it has started every one of them."""
-    args = [sys.executable, "-m", "tests.flood", str(port), str(count), "--source", source]
+    args = [sys.executable, "-m", "tests.support.flood", str(port), str(count), "--source", source]
     proc = subprocess.Popen(
         [*args, "--rate", str(rate)],
         cwd=ROOT,  # where `tests` is importable

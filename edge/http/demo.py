@@ -1,7 +1,7 @@
 """`GET /demo`: the browser demo page, when `BACKHAUL_EDGE_DEMO_PAGE=true`.
 
-The page is one static file, `edge/demo.html`, shipped in the package; `docs/demo.html` links to
-it, for website developers to copy. Served by the edge it
+The page is one static file, `edge/http/demo.html`, shipped in the package; `docs/demo.html`
+links to it, for website developers to copy. Served by the edge it
 calls the edge on its own origin, so it works without any CORS setting; copied to another site
 it needs that site's origin in `BACKHAUL_EDGE_CORS_ORIGINS`.
 """
@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 
 from edge.state import SETTINGS
 
-PAGE = files("edge").joinpath("demo.html")
+PAGE = files("edge.http").joinpath("demo.html")
 
 # The page is all inline (so it can be copied as one file) and talks to whatever base URL its
 # user types; nothing else is allowed: no framing, no other scripts, no referrer.

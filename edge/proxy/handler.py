@@ -9,7 +9,7 @@ Resource handling: the upstream response is released to the connection pool only
 read to the end; on any other exit (the client went away, the stream broke) it is closed, which
 closes the connection and makes the model server stop generating. The gate slot of an inference
 request is held by `forward()`'s `with` block, but a streamed answer releases it as soon as its
-upstream ends (`edge.relay`): a client still reading the rest never holds the GPU.
+upstream ends (`edge.proxy.relay`): a client still reading the rest never holds the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from edge import body_json, body_limits, connections, ollama, relay
 from edge.errors import (
     Forbidden,
     InvalidRequest,
@@ -38,11 +37,12 @@ from edge.errors import (
     UpstreamUnavailable,
 )
 from edge.exchange import EXCHANGE, Exchange
+from edge.proxy import body_json, body_limits, ollama, relay, usage
+from edge.proxy.usage import Usage
 from edge.routes import Kind, Route
 from edge.state import BODY_LIMITS, BODY_POLICY, GATE, MODELS, SESSIONS, SETTINGS, UPSTREAM
-from edge.upstream import State, UpstreamMonitor
-from shared import usage
-from shared.usage import Usage
+from edge.upstreams import connections
+from edge.upstreams.monitor import State, UpstreamMonitor
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # A buffered answer larger than this is written by the handler under the write timeout: left to
@@ -108,7 +108,7 @@ async def forward(
     request: web.Request, ex: Exchange, route: Route, payload: bytes | None
 ) -> web.StreamResponse:
     """Send a checked `payload` to `route` upstream: 503 at once when the upstream is away, a
-    gate slot for inference, then relay. Feature endpoints (edge.features) call it too."""
+    gate slot for inference, then relay. Feature endpoints (edge.proxy.features) call it too."""
     app = request.app
     monitor = app[UPSTREAM]
     refusal = monitor.refusal()
@@ -305,7 +305,7 @@ def _with_count(ex: Exchange, facts: relay.StreamFacts, figures: Usage) -> Usage
     """`figures`, or where the upstream reported no generated tokens, the relay's count with
     the prompt estimated from its size: an OpenAI-style stream without `include_usage`
     carries no usage, and a stream cut short never reaches its final figures. Why the edge
-    counts rather than asking the upstream for usage: `shared.usage`."""
+    counts rather than asking the upstream for usage: `edge.proxy.usage`."""
     if figures.tokens is not None:
         return figures
     prompt = figures.prompt_tokens

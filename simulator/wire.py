@@ -1,9 +1,9 @@
 """Request fields in, bytes out: the Ollama simulator's wire format as pure functions.
 
-`agent.simulator_app` owns timing, queueing and sockets; this module owns the JSON they carry:
+`simulator.app` owns timing, queueing and sockets; this module owns the JSON they carry:
 native NDJSON chunks and final objects, the OpenAI-compatible objects Ollama's `/v1` shim makes
 of them, embeddings and error bodies; reading request fields the way Ollama's Go types read
-them; and Ollama's Host and Origin guards (what each model is: `agent.simulator_models`). Each
+them; and Ollama's Host and Origin guards (what each model is: `simulator.models`). Each
 shape follows Ollama's source (`api/types.go`, `openai/openai.go`, `middleware/openai.go`,
 `server/routes.go`; research/gateway-anchors.md §1), so it can be checked in one place. Nothing
 here sleeps or touches a socket; the only clock read is the wall-clock `created_at` stamp.
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from agent import simulator_models as catalogue
+from simulator import models as catalogue
 
 VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"

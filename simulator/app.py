@@ -1,11 +1,11 @@
 """The Ollama simulator as an aiohttp app: a model server with no model behind it.
 
 It owns what a client of Ollama can observe apart from the bytes themselves (those are
-`agent.simulator_wire`'s): which routes exist and what status each answers, pacing on the event
+`simulator.wire`'s): which routes exist and what status each answers, pacing on the event
 loop's clock (time to first token, then tokens per second), Ollama's scheduler as seen from
 outside (`parallel` slots, a queue of `max_queue`, 503 beyond it), generation stopping when the
 client goes away, and a `SimulatorStats` record of what reached it, so tests can assert on the
-upstream's side of the edge. Serving it is `agent.simulator`'s job.
+upstream's side of the edge. Serving it is `simulator.serve`'s job.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent import simulator_gojson as gojson
-from agent import simulator_models as catalogue
-from agent import simulator_wire as wire
+from simulator import gojson, wire
+from simulator import models as catalogue
 
 KEEP_ALIVE_S = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default (5m): how long a model stays in /api/ps
 MAX_BODY_BYTES = 128 * 1024 * 1024  # Ollama sets no limit; ours only has to exceed the edge's
@@ -56,7 +55,7 @@ class SeenRequest:
     body: Any  # the parsed JSON body; None when there was none or it was not JSON
     headers: CIMultiDictProxy[str]
     # The body as Ollama's Go server decodes it into the route's request struct (by json tag,
-    # the fields set: `agent.simulator_gojson`); None without a body or a struct for the path.
+    # the fields set: `simulator.gojson`); None without a body or a struct for the path.
     # What the model server acted on: the edge's rules are checked against this.
     decoded: dict[str, Any] | None = None
 

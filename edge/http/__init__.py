@@ -1,0 +1,1 @@
+"""The aiohttp front door: middleware, CORS, probes, wire hygiene, the demo page."""

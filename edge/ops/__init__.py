@@ -1,0 +1,1 @@
+"""Operator commands (stats, tail, keys); never imported by the server."""

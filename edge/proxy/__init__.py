@@ -1,0 +1,1 @@
+"""The request path: from a parsed body to the client's last byte."""

@@ -1,0 +1,1 @@
+"""The Ollama stand-in (`backhaul-agent simulate`); imports only `shared`."""

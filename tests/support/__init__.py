@@ -1,0 +1,1 @@
+"""Test scaffolding: servers, fixtures, clients; the specifications are tests/test_*.py."""
