@@ -16,7 +16,7 @@ import pytest
 
 from edge.__main__ import main
 from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
-from edge.ops.stats import parse_since, parse_time
+from edge.ops.timeparse import parse_since, parse_time
 from edge.record import RequestRecord
 
 BASE = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

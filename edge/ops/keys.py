@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from edge.ops.stats import time_arg
+from edge.ops.timeparse import time_arg
 from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, read_keys_file, write_keys_file
 from edge.settings import EdgeSettings
 from shared.errors import ConfigError

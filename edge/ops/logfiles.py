@@ -8,7 +8,8 @@ its name. `LogFollower` is the `tail -F` half: each `poll()` reads what was appe
 rename (a new inode at the path) or a truncation (the size fell below what it had read), drains
 the old file and reopens; the caller owns the loop and its sleep. A truncation followed by more
 writes than were read before it, all within one poll, looks like growth: `tail -F` has the same
-blind spot.
+blind spot. `DEFAULT_PATH` is where the edge writes the log unless told otherwise: the path every
+reader falls back to.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from edge.settings import EdgeSettings
+
+DEFAULT_PATH: Path = EdgeSettings.model_fields["telemetry_path"].default
 GZIP_MAGIC = b"\x1f\x8b"
 # Bytes read per poll and per backwards step: a few hundred records, one syscall.
 CHUNK_BYTES = 64 * 1024

@@ -1,27 +1,24 @@
-"""`backhaul-edge stats`: the command line, `--since`, and the report as a table or JSON.
+"""`backhaul-edge stats`: the command line and the report as a table or JSON.
 
-The reading and the figures are `edge.ops.summary`'s (one streaming pass, bounded memory); which
-files are read is `edge.ops.logfiles`'s rule (each FILE with its rotated `FILE.N` and `FILE.N.gz`,
-oldest first). Exit status: 0 when the report was printed, 1 when there was no log to read, 2 on
-a usage error.
+The reading and the figures are `edge.ops.summary`'s (one streaming pass, bounded memory); the
+`--since` time is `edge.ops.timeparse`'s; which files are read is `edge.ops.logfiles`'s rule (each
+FILE with its rotated `FILE.N` and `FILE.N.gz`, oldest first). Exit status: 0 when the report was
+printed, 1 when there was no log to read, 2 on a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from edge.ops.logfiles import expand_paths
+from edge.ops.logfiles import DEFAULT_PATH, expand_paths
 from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR
 from edge.ops.summary import Summary, summarise, ts_text
-from edge.settings import EdgeSettings
+from edge.ops.timeparse import time_arg
 
 DESCRIPTION = """\
 Summarise the edge's JSONL telemetry log: requests, errors by type, elapsed and TTFB p50/p95/p99,
@@ -31,10 +28,7 @@ Each FILE is read with its rotated siblings FILE.N and FILE.N.gz (oldest first);
 recognised by content. Corrupt or truncated lines are counted and skipped. Percentiles are exact
 up to 8,192 values per figure and within 1 % beyond (marked ~)."""
 
-DEFAULT_PATH: Path = EdgeSettings.model_fields["telemetry_path"].default
 GROUP_FIELDS = ("model", "key", "feature", "route", "status")
-_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,45 +71,6 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     # Every file skipped by --since is a normal, empty report; every file unreadable is not.
     return 1 if summary.file_errors and not summary.files_read else 0
-
-
-def parse_since(text: str, now: datetime) -> datetime:
-    """`30m`, `1h`, `2d`, `1w` before `now`; `2026-11-20` (midnight UTC); or an ISO 8601 time.
-
-    A time without an offset is taken as UTC, like `ts`. Raises `ValueError` on anything else.
-    """
-    return parse_time(text, now, ago=True)
-
-
-def parse_time(text: str, now: datetime, *, ago: bool, units: str = "smhdw") -> datetime:
-    """A time given on a command line (`stats --since`, `keys add --expires`).
-
-    `<n><unit>` for a unit in `units` (s, m, h, d, w) is that long before `now` when `ago`, else
-    after it; `2026-11-20` is midnight UTC; anything else is an ISO 8601 time, UTC when it has no
-    offset. Raises `ValueError` on anything else.
-    """
-    text = text.strip()
-    if (match := _RELATIVE.fullmatch(text)) and match[2] in units:
-        delta = timedelta(seconds=int(match[1]) * _UNIT_SECONDS[match[2]])
-        return now - delta if ago else now + delta
-    if len(text) == 10:
-        day = date.fromisoformat(text)
-        return datetime(day.year, day.month, day.day, tzinfo=UTC)
-    when = datetime.fromisoformat(text)
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def time_arg(*, ago: bool, units: str = "smhdw") -> Callable[[str], datetime]:
-    """An argparse `type=` for `parse_time`, relative to when the command line is parsed."""
-
-    def parse(text: str) -> datetime:
-        try:
-            return parse_time(text, datetime.now(UTC), ago=ago, units=units)
-        except ValueError:
-            message = f"not a duration, date or ISO time: {text!r}"
-            raise argparse.ArgumentTypeError(message) from None
-
-    return parse
 
 
 def render_text(summary: Summary) -> str:

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.ops.logfiles import LogFollower
-from edge.ops.stats import DEFAULT_PATH
+from edge.ops.logfiles import DEFAULT_PATH, LogFollower
 from edge.record import parse_line
 
 DESCRIPTION = """\
