@@ -22,6 +22,7 @@ from pathlib import Path
 import asyncssh
 
 from agent.settings import AgentSettings
+from shared.cli import Subparsers, add_command
 from shared.errors import ConfigError
 
 
@@ -43,12 +44,12 @@ def generate(path: Path, comment: str) -> asyncssh.SSHKey:
     return key
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(
+        subparsers,
         "keygen",
-        help="make the agent's key pair and print the lines that authorize it",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "make the agent's key pair and print the lines that authorize it",
+        __doc__,
     )
     parser.add_argument("--config", type=Path, help="TOML settings file")
     parser.add_argument("--key-path", type=Path, help="private key file (default: key_path)")

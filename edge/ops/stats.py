@@ -19,6 +19,7 @@ from edge.ops.logfiles import DEFAULT_PATH, expand_paths
 from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR
 from edge.ops.summary import Summary, summarise, ts_text
 from edge.ops.timeparse import time_arg
+from shared.cli import Subparsers, add_command
 
 DESCRIPTION = """\
 Summarise the edge's JSONL telemetry log: requests, errors by type, elapsed and TTFB p50/p95/p99,
@@ -31,13 +32,8 @@ up to 8,192 values per figure and within 1 % beyond (marked ~)."""
 GROUP_FIELDS = ("model", "key", "feature", "route", "status")
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "stats",
-        help="summarise the telemetry log",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(subparsers, "stats", "summarise the telemetry log", DESCRIPTION)
     parser.add_argument(
         "files",
         nargs="*",

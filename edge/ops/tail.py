@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from edge.ops.logfiles import DEFAULT_PATH, LogFollower
 from edge.record import parse_line
+from shared.cli import Subparsers, add_command
 
 DESCRIPTION = """\
 Show the last N records of the edge's JSONL telemetry log, then follow it across rotation and
@@ -40,13 +41,8 @@ def never() -> bool:
     return False
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "tail",
-        help="follow the telemetry log",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(subparsers: Subparsers) -> None:
+    parser = add_command(subparsers, "tail", "follow the telemetry log", DESCRIPTION)
     parser.add_argument(
         "file", nargs="?", type=Path, default=DEFAULT_PATH, help=f"default: {DEFAULT_PATH}"
     )
