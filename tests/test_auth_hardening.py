@@ -12,7 +12,7 @@ import io
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ async def flood(session: aiohttp.ClientSession, url: str, count: int, **headers:
         await asyncio.gather(*(one(i) for i in range(count)))
 
 
-def suppressed(logs: list[dict[str, Any]], client: str, error_type: str) -> int:
+def suppressed(logs: Sequence[Mapping[str, Any]], client: str, error_type: str) -> int:
     events = [x for x in logs if x["event"] == "auth.unauthenticated_suppressed"]
     return sum(x["count"] for x in events if x["client"] == client and x["type"] == error_type)
 

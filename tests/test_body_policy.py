@@ -360,7 +360,7 @@ BODIES = st.tuples(
     st.lists(PAIRS, min_size=1, max_size=6),
 )
 # What most bodies start with, so that the generated keys after it meet the later checks.
-BASE = {
+BASE: dict[str, list[tuple[str, Any]]] = {
     "/api/generate": [("model", "llama3.2:1b"), ("prompt", "hi"), ("stream", False)],
     "/api/chat": [("model", "llama3.2:1b"), ("stream", False)],
     "/v1/chat/completions": [("model", "llama3.2:1b")],

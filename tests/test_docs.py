@@ -41,7 +41,7 @@ def test_configuration_reference_names_every_setting():
 
 def error_types() -> dict[str, int | str]:
     found: dict[str, int | str] = {}
-    stack = [errors.EdgeError]
+    stack: list[type[errors.EdgeError]] = [errors.EdgeError]
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ async def test_oversized_body_is_413(tmp_path: Path, http: aiohttp.ClientSession
             assert r.status == 413
             assert (await r.json())["type"] == "payload_too_large"
 
-        async def chunks():  # no Content-Length: the limit holds while reading
+        # No Content-Length: the limit holds while reading.
+        async def chunks() -> AsyncIterator[bytes]:
             for _ in range(10):
                 yield b"a" * 1000
 

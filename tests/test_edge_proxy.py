@@ -13,7 +13,7 @@ from aiohttp import web
 
 from tests.support.servers import edge, serving, simulator
 
-GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
+GEN: dict[str, Any] = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 
 
 def upstream_bodies(sim: Any, path: str) -> list[Any]:

@@ -60,7 +60,7 @@ async def test_brute_force_is_banned_and_the_ban_survives_a_restart(
                 assert reached(sim) == [], "nothing reached the model server"
                 [banned] = [x for x in logs if x["event"] == "auth.banned"]
                 assert banned["client"] == "127.0.0.1"
-                await assert_no_secret(e, {**secrets, **dict(enumerate(guesses))}, logs, caplog)
+                await assert_no_secret(e, {**secrets, **{g: g for g in guesses}}, logs, caplog)
             # The edge stopped (its cleanup wrote the list); a new one reads the same file.
             saved = orjson.loads((tmp_path / "bans.json").read_bytes())
             assert list(saved["bans"]) == ["127.0.0.1"]

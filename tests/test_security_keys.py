@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import ollama
@@ -28,7 +29,7 @@ from tests.support.servers import edge, simulator
 
 MODEL = "llama3.2:1b"
 GEN = {"model": MODEL, "prompt": "why", "stream": False}
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def test_missing_wrong_revoked_expired_keys_are_401_in_the_routes_shape(
@@ -259,14 +260,14 @@ async def test_sdks_with_a_key(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                 ]
                 assert chunks[-1].done
             finally:
-                await native.close()
+                await native.close()  # type: ignore[no-untyped-call]  # ollama 0.6: close() is unannotated
             anonymous = ollama.AsyncClient(host=e.url)
             try:
                 with pytest.raises(ollama.ResponseError) as refused:
                     await anonymous.generate(model=MODEL, prompt="why")
                 assert refused.value.status_code == 401
             finally:
-                await anonymous.close()
+                await anonymous.close()  # type: ignore[no-untyped-call]  # ollama 0.6: close() is unannotated
             records = await e.records()
             assert [(r["status"], r["key"]) for r in records] == [
                 (200, "sdk"),

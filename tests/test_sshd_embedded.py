@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncssh
@@ -226,7 +227,7 @@ async def test_a_silent_client_is_dropped_after_the_login_timeout(tmp_path: Path
 
 async def test_one_address_is_capped_at_accept_and_the_agent_still_gets_in(tmp_path: Path):
     key = authorize_agent(tmp_path)
-    settings = {"ssh_max_startups_per_address": 3, "ssh_max_startups": "50"}
+    settings: dict[str, Any] = {"ssh_max_startups_per_address": 3, "ssh_max_startups": "50"}
     async with embedded_server(tmp_path, free_port(), **settings) as vps:
         held = [await flood.connect(vps.port) for _ in range(3)]
         try:
@@ -265,7 +266,7 @@ async def test_unauthenticated_connections_are_capped_like_max_startups(tmp_path
 
 
 async def test_handshakes_per_address_are_rate_limited(tmp_path: Path):
-    settings = {"ssh_handshake_rate": 0.001, "ssh_handshake_burst": 2}
+    settings: dict[str, Any] = {"ssh_handshake_rate": 0.001, "ssh_handshake_burst": 2}
     async with embedded_server(tmp_path, free_port(), **settings) as vps:
         assert (await banner(vps.port, flood.ATTACKER)).startswith(b"SSH-2.0-")
         assert (await banner(vps.port, flood.ATTACKER)).startswith(b"SSH-2.0-")

@@ -36,6 +36,13 @@ def _charged(e: Edge, key: str, tpm: int) -> int:
     return tpm - e.app[GUARD].key_tpm.decision(key, tpm).remaining
 
 
+def _prompt_tokens() -> int:
+    """The edge's estimate of PROMPT's tokens, as it charges them when no usage is reported."""
+    estimate = estimate_prompt_tokens(len(PROMPT))
+    assert estimate is not None  # a prompt of known size always has one
+    return estimate
+
+
 def _frozen(e: Edge) -> None:
     clock = Clock()
     guard = e.app[GUARD]
@@ -81,7 +88,7 @@ async def test_streamed_tokens_are_charged_without_include_usage(tmp_path: Path,
         assert text == "".join(wire.reply(N))
         assert all(c.usage is None for c in chunks)
         record = await e.record("meter")
-        prompt = estimate_prompt_tokens(len(PROMPT))
+        prompt = _prompt_tokens()
         assert (record["tokens"], record["prompt_tokens"]) == (N, prompt)
         assert _charged(e, "meter", BIG) == N + prompt
         assert record["tok_per_s"] is not None
@@ -130,7 +137,7 @@ async def test_the_client_gets_the_upstream_stream_byte_for_byte(
         assert _normalised(relayed) == _normalised(direct)
         assert direct.endswith(b"data: [DONE]\n\n") and b'"usage"' not in direct
         assert (await e.record("relayed"))["tokens"] == N
-        assert _charged(e, "meter", BIG) == N + estimate_prompt_tokens(len(PROMPT))
+        assert _charged(e, "meter", BIG) == N + _prompt_tokens()
 
 
 @pytest.mark.parametrize(
@@ -167,7 +174,7 @@ async def test_a_client_that_hangs_up_is_charged_what_was_generated(
             await sim.stats.wait_cancelled()
         assert record["outcome"] == "client_gone"
         assert read <= record["tokens"] < 500
-        prompt = estimate_prompt_tokens(len(PROMPT))
+        prompt = _prompt_tokens()
         assert record["prompt_tokens"] == prompt
         assert _charged(e, "meter", BIG) == record["tokens"] + prompt
 

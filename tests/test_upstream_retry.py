@@ -214,7 +214,7 @@ async def assert_counted(e: Edge, server: StandIn, count: int) -> int:
     assert len(records) == count
     assert {r["status"] for r in records} == {200}
     assert {r["outcome"] for r in records} == {"ok"}
-    retries = sum(r["upstream_retries"] for r in records)
+    retries: int = sum(r["upstream_retries"] for r in records)
     assert max(r["upstream_retries"] for r in records) <= 1  # never twice
     # Every request the server dropped was resent; a request written just as the modelled close
     # arrived dies in the socket before the server counts it, so resends may exceed the drops.
@@ -333,7 +333,7 @@ async def assert_counted_through_pair(e: Edge, server: StandIn, count: int) -> i
     assert len(records) == count
     assert {r["status"] for r in records} == {200}
     assert {r["outcome"] for r in records} == {"ok"}
-    retries = sum(r["upstream_retries"] for r in records)
+    retries: int = sum(r["upstream_retries"] for r in records)
     assert max(r["upstream_retries"] for r in records) <= 1  # never twice
     assert retries_metric(e) == retries
     assert retries >= server.dropped

@@ -97,7 +97,9 @@ class Browser:
         self._ids = count(1)
         self.events: list[dict[str, Any]] = []
 
-    async def send(self, method: str, session_id: str | None = None, **params: Any) -> Any:
+    async def send(
+        self, method: str, session_id: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         """Send one command and return its result; events that arrive meanwhile are kept."""
         message: dict[str, Any] = {"id": next(self._ids), "method": method, "params": params}
         if session_id is not None:
@@ -111,7 +113,8 @@ class Browser:
             if data.get("id") == message["id"]:
                 if "error" in data:
                     raise EvaluationError(f"{method}: {data['error']}")
-                return data["result"]
+                result: dict[str, Any] = data["result"]  # every CDP result is an object
+                return result
             self.events.append(data)
 
     async def new_page(self) -> Page:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +52,7 @@ class Clock:
 
 
 @contextmanager
-def captured_logs() -> Iterator[list[dict[str, Any]]]:
+def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with structlog.testing.capture_logs() as logs:
         yield logs
 
@@ -60,7 +60,7 @@ def captured_logs() -> Iterator[list[dict[str, Any]]]:
 async def assert_no_secret(
     e: Edge,
     secrets: dict[str, str],
-    logs: list[dict[str, Any]],
+    logs: Sequence[Mapping[str, Any]],
     caplog: pytest.LogCaptureFixture | None = None,
 ) -> None:
     """No secret in the telemetry file, the structlog events or the stdlib log."""
