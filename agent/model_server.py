@@ -2,11 +2,17 @@
 
 `ModelServer.run()` probes `GET /api/version` (Ollama) or, if that is not found, `GET /v1/models`
 (llama.cpp, vLLM and other OpenAI-compatible servers) every `probe_interval`, logs each change
-(`upstream.up`, `upstream.down` with the reason) and records it in the status board. When the
-server comes up (at start, and every time it comes back) the models in `warm_models` are loaded
-with `POST /api/generate {"model", "keep_alive"}` and no prompt, which Ollama answers by loading
-the model and returning at once; they are warmed again every `warm_interval` because any request
-without `keep_alive` (the edge strips it) resets Ollama's unload timer to its 5 minute default.
+(`model_server.up`, `model_server.down` with the reason) and records it in the status board.
+When the server comes up (at start, and every time it comes back) the models in `warm_models`
+are loaded with `POST /api/generate {"model", "keep_alive"}` and no prompt, which Ollama answers
+by loading the model and returning at once; they are warmed again every `warm_interval` because
+any request without `keep_alive` (the edge strips it) resets Ollama's unload timer to its 5
+minute default.
+
+The events are `model_server.*`, not `upstream.*`: on the edge, `upstream.*` is the tunnel's
+loopback end, and `make demo` interleaves both logs. The setting (`upstream`, the URL), the
+status file's `upstream_*` fields and the `backhaul_agent_upstream_up` metric keep their names:
+configurations, scripts and dashboards read them.
 
 The tunnel is not withdrawn while the model server is down: the edge then gets a reset on each
 forwarded connection (the agent's connect to the model server fails, the channel is refused) and
@@ -49,7 +55,7 @@ class ModelServer:
         self._board = board or StatusBoard(None)
         self._sleep = sleep
         self._clock = clock
-        self._base = settings.upstream
+        self._url = settings.upstream
         self._probe_timeout = aiohttp.ClientTimeout(total=settings.probe_timeout)
         self.up: bool | None = None
         self.kind: str | None = None  # "ollama" or "openai"
@@ -107,13 +113,13 @@ class ModelServer:
         return self._set_up(kind, version)
 
     async def _identify(self, session: aiohttp.ClientSession) -> tuple[str | None, str | None]:
-        async with session.get(f"{self._base}/api/version", timeout=self._probe_timeout) as r:
+        async with session.get(f"{self._url}/api/version", timeout=self._probe_timeout) as r:
             body = await r.read()
             if r.status == 200:
                 return "ollama", str(orjson.loads(body).get("version", ""))
             if r.status != 404:
                 return None, f"/api/version answered {r.status}"
-        async with session.get(f"{self._base}/v1/models", timeout=self._probe_timeout) as r:
+        async with session.get(f"{self._url}/v1/models", timeout=self._probe_timeout) as r:
             await r.read()
             if r.status == 200:
                 return "openai", None
@@ -123,7 +129,7 @@ class ModelServer:
         came_up = self.up is not True
         self.up, self.kind, self.version, self.reason = True, kind, version, None
         if came_up:
-            log.info("upstream.up", url=self._base, kind=kind, version=version)
+            log.info("model_server.up", url=self._url, kind=kind, version=version)
             self._down.clear()
             self._up.set()
             self._board.update(
@@ -133,7 +139,7 @@ class ModelServer:
 
     def _set_down(self, reason: str) -> None:
         if self.up is not False or reason != self.reason:
-            log.warning("upstream.down", url=self._base, reason=reason)
+            log.warning("model_server.down", url=self._url, reason=reason)
             self._board.update(upstream_up=False, upstream_reason=reason)
         self.up, self.reason = False, reason
         self.warmed.clear()
@@ -142,7 +148,7 @@ class ModelServer:
 
     async def _warm_all(self, session: aiohttp.ClientSession) -> None:
         if self.kind != "ollama":
-            log.info("upstream.warm_skipped", reason=f"{self.kind} servers have no load call")
+            log.info("model_server.warm_skipped", reason=f"{self.kind} servers have no load call")
             return
         for model in self._settings.warm_models:
             await self._warm(session, model)
@@ -156,23 +162,23 @@ class ModelServer:
         body = {"model": model, "keep_alive": self._settings.warm_keep_alive}
         try:
             async with session.post(
-                f"{self._base}/api/generate",
+                f"{self._url}/api/generate",
                 json=body,
                 timeout=aiohttp.ClientTimeout(total=_WARM_TIMEOUT_S),
             ) as r:
                 text = await r.read()
                 if r.status != 200:
                     log.warning(
-                        "upstream.warm_failed", model=model, status=r.status, body=text[:200]
+                        "model_server.warm_failed", model=model, status=r.status, body=text[:200]
                     )
                     self.warmed.discard(model)
                     return
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("upstream.warm_failed", model=model, error=_reason(exc))
+            log.warning("model_server.warm_failed", model=model, error=_reason(exc))
             self.warmed.discard(model)
             return
         self.warmed.add(model)
-        log.info("upstream.warmed", model=model, seconds=round(self._clock() - started, 3))
+        log.info("model_server.warmed", model=model, seconds=round(self._clock() - started, 3))
 
 
 def _reason(exc: BaseException) -> str:

@@ -107,7 +107,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, tunnel.reconnect_now)
     log.info(
-        "agent.starting", vps=remote, remote_bind=settings.remote_bind, upstream=settings.upstream
+        "agent.starting",
+        vps=remote,
+        remote_bind=settings.remote_bind,
+        model_server=settings.upstream,
     )
     board.update()
     runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail

@@ -88,6 +88,6 @@ class AgentSettings(BackhaulSettings):
         return host.strip("[]"), int(port)
 
     @property
-    def upstream_address(self) -> tuple[str, int]:
-        """The host and port the forward connects to on this machine."""
+    def model_server_address(self) -> tuple[str, int]:
+        """The host and port of the model server, where the forward ends on this machine."""
         return url_address(self.upstream)

@@ -207,7 +207,7 @@ class Tunnel:
     async def _forward(self, conn: asyncssh.SSHClientConnection, client: _Client) -> None:
         s = self._settings
         host, port = s.remote_address
-        dest_host, dest_port = s.upstream_address
+        dest_host, dest_port = s.model_server_address
         try:
             await conn.forward_remote_port(host, port, dest_host, dest_port)
         except asyncssh.ChannelListenError as exc:
@@ -256,7 +256,7 @@ class Tunnel:
             "tunnel.up",
             vps=f"{s.ssh_host}:{s.ssh_port}",
             remote_bind=s.remote_bind,
-            upstream=s.upstream,
+            model_server=s.upstream,
             server_version=conn.get_extra_info("server_version"),
             cipher=self.cipher,
             reconnects=self.connects - 1,

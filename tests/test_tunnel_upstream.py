@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from agent.model_server import ModelServer
@@ -39,6 +40,22 @@ async def test_warms_at_start_and_again_when_the_server_comes_back(tmp_path: Pat
     port = free_port()
     board = StatusBoard(tmp_path / "status.json")
     server = ModelServer(settings_for(f"http://127.0.0.1:{port}"), board)
+    with structlog.testing.capture_logs() as logs:
+        await _down_up_down_up_down(server, port)
+    assert server.kind == "ollama"
+    assert board.status.upstream_up is False
+    assert board.status.warmed == [MODEL]
+    # The agent's own words: on the edge, `upstream.*` is the tunnel's end, not the model server.
+    events = [e["event"] for e in logs if e["event"].startswith(("model_server.", "upstream."))]
+    changes = [e for e in events if e in ("model_server.up", "model_server.down")]
+    # A new reason while down is logged again (a reset, then a refused connect): one run each.
+    runs = [e for i, e in enumerate(changes) if i == 0 or changes[i - 1] != e]
+    assert runs == ["model_server.down", "model_server.up"] * 2 + ["model_server.down"]
+    assert events.count("model_server.warmed") == 2
+    assert all(e.startswith("model_server.") for e in events)
+
+
+async def _down_up_down_up_down(server: ModelServer, port: int) -> None:
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(server.run())
         async with asyncio.timeout(5):
@@ -59,9 +76,6 @@ async def test_warms_at_start_and_again_when_the_server_comes_back(tmp_path: Pat
             async with asyncio.timeout(5):
                 await server.wait_down()
         task.cancel()
-    assert server.kind == "ollama"
-    assert board.status.upstream_up is False
-    assert board.status.warmed == [MODEL]
 
 
 async def test_openai_only_servers_are_probed_on_v1_models_and_not_warmed():
