@@ -18,9 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -29,11 +26,11 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.serve import running_simulator
-from tests.support import flood
+from tests.support import flood, processes
+from tests.support.processes import notify_socket
 from tests.support.servers import free_port
 from tests.support.sshd import GEN, agent_settings, authorize_agent, running_tunnel
 
-BIN = Path(sys.executable).parent
 SOFT = 1024  # systemd's default soft limit
 HARD = 2048  # the edge raises its soft limit to this: below one flood alone
 PER_ADDRESS = 256  # the edge's default max_connections_per_address
@@ -46,50 +43,22 @@ SSH_PER_ADDRESS = 3  # its default ssh_max_startups_per_address
 def edge_process(tmp_path: Path, bind: int, hard: int) -> Iterator[tuple[int, int, int]]:
     """`backhaul-edge serve` with its SSH server on; yields (pid, HTTP port, SSH port) once it
     has said READY=1."""
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(30)
-    port, ssh_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "NOTIFY_SOCKET": str(notify_path),
-        "BACKHAUL_EDGE_PORT": str(port),
-        "BACKHAUL_EDGE_SSH_PORT": str(ssh_port),
-        "BACKHAUL_EDGE_SSH_HOST_KEY": str(tmp_path / "ssh_host_ed25519_key"),
-        "BACKHAUL_EDGE_AGENT_KEYS": str(tmp_path / "agent_keys"),
-        "BACKHAUL_EDGE_AUTH": "none",
-        "BACKHAUL_EDGE_UPSTREAM": f"http://127.0.0.1:{bind}",
-        "BACKHAUL_EDGE_TELEMETRY_PATH": str(tmp_path / "t.jsonl"),
-        "BACKHAUL_EDGE_KEYS_PATH": str(tmp_path / "keys.json"),
-        "BACKHAUL_EDGE_BANS_PATH": str(tmp_path / "bans.json"),
-        "BACKHAUL_EDGE_LOG_FORMAT": "json",
-        "BACKHAUL_EDGE_LOG_LEVEL": "warning",
-    }
-
-    def systemd_default() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(SOFT, hard), hard))
-
-    with (tmp_path / "edge.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "backhaul-edge"), "serve"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            preexec_fn=systemd_default,
-        )
-    try:
+    ssh_port = free_port()
+    with (
+        notify_socket(tmp_path, timeout_s=30) as notify,
+        processes.edge_process(
+            tmp_path,
+            notify=notify,
+            nofile=(min(SOFT, hard), hard),  # systemd's default soft limit, under `hard`
+            upstream=f"http://127.0.0.1:{bind}",
+            ssh_port=str(ssh_port),
+            ssh_host_key=str(tmp_path / "ssh_host_ed25519_key"),
+            agent_keys=str(tmp_path / "agent_keys"),
+            log_level="warning",
+        ) as (proc, port),
+    ):
         assert "READY=1" in notify.recv(4096).decode()
         yield proc.pid, port, ssh_port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        notify.close()
 
 
 async def refusals(http: aiohttp.ClientSession, port: int) -> dict[str, float]:

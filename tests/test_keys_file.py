@@ -13,12 +13,9 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,49 +27,12 @@ from edge.policy.guard import GUARD
 from edge.policy.keys import digest, new_secret
 from shared.errors import ConfigError
 from tests.support.keyfiles import bearer, captured_logs, keyed, write_keys
-from tests.support.servers import edge, free_port
+from tests.support.processes import EDGE, edge_process, events
+from tests.support.servers import edge
 
-BIN = Path(sys.executable).parent
 # Seconds a started edge has to answer /healthz, and a stopped one to exit.
 _START_S = 20.0
 _STOP_S = 10.0
-
-
-@contextmanager
-def edge_process(tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`backhaul-edge serve` on a free port, keys on, its JSON log in `tmp_path/edge.log`."""
-    port = free_port()
-    values = {
-        **os.environ,
-        "BACKHAUL_EDGE_PORT": str(port),
-        "BACKHAUL_EDGE_AUTH": "keys",
-        "BACKHAUL_EDGE_UPSTREAM": f"http://127.0.0.1:{free_port()}",
-        "BACKHAUL_EDGE_TELEMETRY_PATH": str(tmp_path / "t.jsonl"),
-        "BACKHAUL_EDGE_KEYS_PATH": str(tmp_path / "keys.json"),
-        "BACKHAUL_EDGE_BANS_PATH": str(tmp_path / "bans.json"),
-        "BACKHAUL_EDGE_KEYS_RELOAD_INTERVAL": "0.1",
-        "BACKHAUL_EDGE_LOG_FORMAT": "json",
-        **env,
-    }
-    with (tmp_path / "edge.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "backhaul-edge"), "serve"],
-            env=values,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        try:
-            yield proc, port
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def events(tmp_path: Path) -> list[dict[str, Any]]:
-    lines = (tmp_path / "edge.log").read_bytes().splitlines()
-    return [orjson.loads(line) for line in lines if line.startswith(b"{")]
 
 
 def wait_event(tmp_path: Path, name: str) -> dict[str, Any]:
@@ -123,7 +83,7 @@ def stop_within_bound(proc: subprocess.Popen[bytes]) -> None:
 
 def test_fifo_at_the_keys_path_stops_the_edge_at_start(tmp_path: Path):
     os.mkfifo(tmp_path / "keys.json")
-    with edge_process(tmp_path) as (proc, _port):
+    with edge_process(tmp_path, auth="keys") as (proc, _port):
         assert proc.wait(_START_S) == 2
     refused = wait_event(tmp_path, "edge.refused_to_start")
     assert "is not a regular file (a FIFO)" in refused["error"]
@@ -133,7 +93,7 @@ def test_fifo_at_the_keys_path_stops_the_edge_at_start(tmp_path: Path):
 
 def test_fifo_at_the_keys_path_on_reload_keeps_the_last_keys(tmp_path: Path):
     secrets = write_keys(tmp_path / "keys.json", ops={})
-    with edge_process(tmp_path) as (proc, port):
+    with edge_process(tmp_path, auth="keys", keys_reload_interval="0.1") as (proc, port):
         wait_healthy(port)
         assert get(port, "/api/tags", secrets["ops"]) == 503  # past auth: the agent is away
         (tmp_path / "keys.json").unlink()
@@ -148,7 +108,7 @@ def test_fifo_at_the_keys_path_on_reload_keeps_the_last_keys(tmp_path: Path):
 
 def test_fifo_at_the_telemetry_path_stops_the_edge_at_start(tmp_path: Path):
     os.mkfifo(tmp_path / "t.jsonl")
-    with edge_process(tmp_path, BACKHAUL_EDGE_AUTH="none") as (proc, _port):
+    with edge_process(tmp_path) as (proc, _port):
         assert proc.wait(_START_S) == 2
     refused = wait_event(tmp_path, "edge.refused_to_start")
     assert (
@@ -161,7 +121,7 @@ def test_fifo_at_the_telemetry_path_stops_the_edge_at_start(tmp_path: Path):
 def test_fifo_at_the_telemetry_path_while_serving_is_logged_and_shutdown_is_prompt(
     tmp_path: Path, reader: bool
 ):
-    with edge_process(tmp_path, BACKHAUL_EDGE_AUTH="none") as (proc, port):
+    with edge_process(tmp_path) as (proc, port):
         wait_healthy(port)
         assert get(port, "/api/tags") == 503
         wait_line(tmp_path / "t.jsonl")  # the writer has the file open
@@ -185,7 +145,7 @@ def test_fifo_at_the_telemetry_path_while_serving_is_logged_and_shutdown_is_prom
 def test_keys_cli_refuses_a_fifo_at_once(tmp_path: Path):
     os.mkfifo(tmp_path / "keys.json")
     done = subprocess.run(
-        [str(BIN / "backhaul-edge"), "keys", "--keys-path", str(tmp_path / "keys.json"), "list"],
+        [EDGE, "keys", "--keys-path", str(tmp_path / "keys.json"), "list"],
         capture_output=True,
         timeout=_START_S,
         check=False,
