@@ -30,11 +30,7 @@ from typing import ClassVar
 import asyncssh
 
 from shared.errors import BackhaulError, ConfigError
-
-# The embedded server's disconnect reason when a newer connection with the same key replaces
-# this one (edge/upstreams/sshd.py sends it; the two sides share no module, so the text is the
-# contract).
-REPLACED_REASON = "replaced by a newer connection with the same key"
+from shared.protocol import REPLACED_REASON
 
 
 class TunnelError(BackhaulError):

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.protocol import TUNNEL_PORT
 from shared.settings import BackhaulSettings, url_address
 
 
@@ -30,7 +31,7 @@ class AgentSettings(BackhaulSettings):
     # OpenSSH known_hosts format; the only trust anchor for the VPS (there is no "accept any").
     known_hosts: Path = Path("known_hosts")
     # The VPS loopback address the forward listens on; the edge's BACKHAUL_EDGE_UPSTREAM.
-    remote_bind: str = "127.0.0.1:11434"
+    remote_bind: str = f"127.0.0.1:{TUNNEL_PORT}"
     # The local model server the forward ends at.
     upstream: str = "http://127.0.0.1:11434"
 

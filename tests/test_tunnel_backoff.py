@@ -7,7 +7,6 @@ import pytest
 
 from agent.backoff import Backoff
 from agent.errors import (
-    REPLACED_REASON,
     AuthRefused,
     ConnectFailed,
     ConnectionDropped,
@@ -17,8 +16,8 @@ from agent.errors import (
     Replaced,
     classify,
 )
-from edge.upstreams import sshd
 from shared.errors import ConfigError
+from shared.protocol import REPLACED_REASON
 
 
 def test_full_jitter_doubles_up_to_the_cap():
@@ -86,7 +85,3 @@ def test_the_table(exc: BaseException, expected: type, kind: str):
 def test_unknown_exceptions_are_bugs_not_retries():
     with pytest.raises(KeyError):
         classify(KeyError("x"), {})
-
-
-def test_the_replaced_reason_is_the_same_text_on_both_sides():
-    assert sshd.REPLACED_REASON == REPLACED_REASON

@@ -40,12 +40,11 @@ from edge.policy.admission import LISTENERS, Admission, Ticket, guarded, ssh_adm
 from edge.settings import EdgeSettings
 from edge.state import SETTINGS, UPSTREAM
 from shared.errors import ConfigError
+from shared.protocol import REPLACED_REASON
 from shared.settings import url_address
 
 log = structlog.get_logger(__name__)
 
-# The disconnect reason an agent sees when it is replaced (agent/errors.py matches this text).
-REPLACED_REASON = "replaced by a newer connection with the same key"
 # Algorithms offered, strongest first, each kept only if this asyncssh supports it: hybrid
 # post-quantum and curve25519 key exchange, NIST curves and the larger finite-field groups for
 # old clients; encrypt-then-MAC with SHA-2 only. No SHA-1 (`diffie-hellman-group14-sha1`,
