@@ -38,21 +38,20 @@ from typing import Any
 
 import prometheus_client
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
-from edge.errors import Forbidden
-from edge.exchange import EXCHANGE
-from edge.policy.guard import GUARD, credentials
-from edge.proxy.ollama import canonical_model
+from edge.models import canonical_model
+from edge.policy.guard import credentials
 from edge.record import RequestRecord
-from edge.routes import BY_PATH
-from edge.state import GATE, SETTINGS, TELEMETRY, UPSTREAM
-from edge.upstreams.monitor import State
+from edge.routes import BY_PATH, FEATURE_PREFIX, OWN_PATHS
+from edge.telemetry import TelemetryWriter
+from edge.upstreams.base import State
+from edge.upstreams.gate import Gate
+from edge.upstreams.monitor import UpstreamMonitor
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +61,6 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # 
 
 OTHER = "other"
 # The edge's own routes, labelled by name like the allowlisted ones.
-_EDGE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", "/demo"})
 # Distinct values kept per label before new ones become "other": a few dozen models or
 # features, a few hundred keys, are what one workstation serves; past that it is an attack or a
 # bug, and a series per value would bloat every scrape.
@@ -102,9 +100,14 @@ class _Bounded:
 class EdgeMetrics:
     """The edge's Prometheus registry and the counters fed from each request's record."""
 
-    def __init__(self, app: web.Application) -> None:
-        settings = app[SETTINGS]
-        self._allowed_models = frozenset(canonical_model(m) for m in settings.models)
+    def __init__(
+        self,
+        allowed_models: list[str],
+        gate: Gate,
+        monitor: UpstreamMonitor,
+        telemetry: TelemetryWriter,
+    ) -> None:
+        self._allowed_models = frozenset(canonical_model(m) for m in allowed_models)
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._models = _Bounded(_MAX_MODELS)
         self._features = _Bounded(_MAX_FEATURES)
@@ -170,7 +173,7 @@ class EdgeMetrics:
             "dead before any answer (a server that closes kept-alive connections).",
             registry=r,
         )
-        r.register(_LiveCollector(app))
+        r.register(_LiveCollector(gate, monitor, telemetry))
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request. Never raises: a failure is logged once, then skipped."""
@@ -214,8 +217,8 @@ class EdgeMetrics:
 
     def route_label(self, record: RequestRecord) -> str:
         if record.feature:
-            return "/features/" + self._features(record.feature)
-        if record.route in BY_PATH or record.route in _EDGE_ROUTES:
+            return FEATURE_PREFIX + self._features(record.feature)
+        if record.route in BY_PATH or record.route in OWN_PATHS:
             return record.route
         return OTHER
 
@@ -234,14 +237,14 @@ class EdgeMetrics:
 class _LiveCollector(Collector):
     """Gauges read from the live gate, upstream monitor and telemetry writer at scrape time."""
 
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
+    def __init__(self, gate: Gate, monitor: UpstreamMonitor, telemetry: TelemetryWriter) -> None:
+        self._gate, self._monitor, self._telemetry = gate, monitor, telemetry
 
     def describe(self) -> Iterable[Metric]:
         return ()  # the families depend on live objects; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        gate = self._app[GATE]
+        gate = self._gate
         yield _gauge(
             "backhaul_inflight_requests", "Requests holding a GPU slot now.", gate.inflight
         )
@@ -251,43 +254,41 @@ class _LiveCollector(Collector):
         yield _gauge(
             "backhaul_gate_slots", "GPU slots (BACKHAUL_EDGE_MAX_INFLIGHT).", gate.max_inflight
         )
-        monitor = self._app.get(UPSTREAM)
-        if monitor is not None:
-            status = monitor.status
-            yield _gauge(
-                "backhaul_agent_connected",
-                "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
-                int(monitor.agent_connected),
-            )
-            reconnects = CounterMetricFamily(
-                "backhaul_agent_reconnects",
-                "Times the agent's tunnel came back after the first connection.",
-            )
-            reconnects.add_metric([], max(0, monitor.agent_connects - 1))
-            yield reconnects
-            states = GaugeMetricFamily(
-                "backhaul_upstream_state",
-                "The model server as the edge sees it: 1 for the current state.",
-                labels=["state"],
-            )
-            for state in State:
-                states.add_metric([state.value], int(state is status.state))
-            yield states
-            yield _gauge(
-                "backhaul_upstream_state_since_seconds",
-                "Unix time of the upstream state's last change.",
-                status.since,
-            )
-        telemetry = self._app.get(TELEMETRY)
-        if telemetry is not None:
-            lines = CounterMetricFamily(
-                "backhaul_telemetry_lines",
-                "JSONL telemetry lines, by result: written, or dropped on a failing disk.",
-                labels=["result"],
-            )
-            lines.add_metric(["written"], telemetry.written)
-            lines.add_metric(["dropped"], telemetry.dropped)
-            yield lines
+        monitor = self._monitor
+        status = monitor.status
+        yield _gauge(
+            "backhaul_agent_connected",
+            "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
+            int(monitor.agent_connected),
+        )
+        reconnects = CounterMetricFamily(
+            "backhaul_agent_reconnects",
+            "Times the agent's tunnel came back after the first connection.",
+        )
+        reconnects.add_metric([], max(0, monitor.agent_connects - 1))
+        yield reconnects
+        states = GaugeMetricFamily(
+            "backhaul_upstream_state",
+            "The model server as the edge sees it: 1 for the current state.",
+            labels=["state"],
+        )
+        for state in State:
+            states.add_metric([state.value], int(state is status.state))
+        yield states
+        yield _gauge(
+            "backhaul_upstream_state_since_seconds",
+            "Unix time of the upstream state's last change.",
+            status.since,
+        )
+        telemetry = self._telemetry
+        lines = CounterMetricFamily(
+            "backhaul_telemetry_lines",
+            "JSONL telemetry lines, by result: written, or dropped on a failing disk.",
+            labels=["result"],
+        )
+        lines.add_metric(["written"], telemetry.written)
+        lines.add_metric(["dropped"], telemetry.dropped)
+        yield lines
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -322,36 +323,3 @@ def scrape_access(
     except ValueError:  # a Unix socket peer has no IP address
         local = False
     return Scrape.ALLOWED if local else Scrape.REFUSED
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """`GET /metrics` in the format the scraper asks for (Prometheus text or OpenMetrics)."""
-    ex = request[EXCHANGE]
-    guard = request.app[GUARD]
-    client = ex.record.client
-    guard.refuse_banned(client)
-    token = request.app[SETTINGS].metrics_token
-    access = scrape_access(request.remote, request.headers, token, ex.via_proxy)
-    if access is Scrape.GUESS:
-        banned = guard.bans.fail(client)
-        log.warning("auth.failed", reason="metrics_token", client=client, request_id=ex.id,
-                    banned=banned)  # fmt: skip
-    if access is not Scrape.ALLOWED:
-        raise Forbidden(
-            "metrics are served to loopback scrapers that do not come through a proxy, or with "
-            "the metrics token as a bearer token"
-        )
-    encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
-    body = encoder(request.app[METRICS].registry)
-    return web.Response(
-        body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.CACHE_CONTROL: "no-store"}
-    )
-
-
-def setup(app: web.Application) -> None:
-    """Give `app` its registry and its `GET /metrics` route; call after `app[GATE]` is set."""
-    app[METRICS] = EdgeMetrics(app)
-    app.router.add_get("/metrics", metrics)
-
-
-METRICS = web.AppKey("metrics", EdgeMetrics)

@@ -1,4 +1,6 @@
-"""The route allowlist: the only paths the edge proxies, and what each one is (DESIGN.md §4).
+"""Every route the edge answers: the allowlist it proxies, its own routes, the feature prefix.
+
+The allowlist is the only paths the edge proxies, and what each one is (DESIGN.md §4).
 
 A request is proxied only when its raw path (before any decoding or normalisation) equals one of
 these paths exactly, and the upstream is always sent the canonical path from this table, never
@@ -51,3 +53,25 @@ ROUTES: tuple[Route, ...] = (
 )
 
 BY_PATH: dict[str, Route] = {route.path: route for route in ROUTES}
+
+
+@dataclass(frozen=True, slots=True)
+class OwnRoute:
+    """A route the edge answers itself."""
+
+    path: str
+    open: bool  # answered without an API key (it has its own rule, or none)
+    logged: bool  # a telemetry line per request (probes and scrapes would flood the log)
+
+
+OWN_ROUTES: tuple[OwnRoute, ...] = (
+    OwnRoute("/healthz", open=True, logged=False),
+    OwnRoute("/readyz", open=True, logged=False),
+    OwnRoute("/metrics", open=True, logged=False),  # its own token (edge.metrics)
+    OwnRoute("/demo", open=True, logged=True),
+)
+OWN_PATHS = frozenset(route.path for route in OWN_ROUTES)
+OPEN_PATHS = frozenset(route.path for route in OWN_ROUTES if route.open)
+UNLOGGED_PATHS = frozenset(route.path for route in OWN_ROUTES if not route.logged)
+# Feature endpoints, `POST /features/NAME` (edge.proxy.features).
+FEATURE_PREFIX = "/features/"

@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 from edge.app import create_app
 from edge.http.protocol import EdgeRunner
-from edge.policy.admission import LISTENERS, GuardedSite, raise_fd_limit
-from edge.policy.guard import GUARD
+from edge.policy.admission import GuardedSite, raise_fd_limit
+from edge.services import Edge, open_edge
 from edge.settings import EdgeSettings
-from edge.state import TELEMETRY
 from shared import runtime
 from shared.errors import ConfigError
 from shared.logging import configure_logging
@@ -55,37 +53,46 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # a file found wrong at start (keys, telemetry): say which, stop
         log.error("edge.refused_to_start", error=str(exc))
         return 2
+    except Exception as exc:  # a background loop failed (logged with its traceback): restart
+        log.error("edge.stopped_on_error", error=f"{type(exc).__name__}: {exc}")
+        return 1
     return 0
 
 
-def _on_sighup(app: web.Application) -> None:
-    app[TELEMETRY].reopen()
-    keys = app[GUARD].keys
-    if keys is not None:
-        keys.request_reload()
+def _on_sighup(edge: Edge) -> None:
+    edge.telemetry.reopen()
+    if edge.guard.keys is not None:
+        edge.guard.keys.request_reload()
 
 
 async def serve(settings: EdgeSettings, started: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, finish, and clean up.
 
-    `started` is set once the listener is up (the demo and tests wait on it).
+    `started` is set once the listener is up (the demo and tests wait on it). The edge's
+    background loops run for as long (`open_edge`); one that fails stops the edge with its
+    exception, which `run()` makes a non-zero exit.
     """
-    # Before the app: its HTTP connection cap is derived from the limit (edge.policy.admission).
+    # Before the edge: its HTTP connection cap is derived from the limit (edge.policy.admission).
     nofile = raise_fd_limit()
-    app = create_app(settings)
-    runner = EdgeRunner(app, handler_cancellation=True, access_log=None)
+    async with open_edge(settings) as edge:
+        await _serve(edge, nofile, started)
+
+
+async def _serve(edge: Edge, nofile: int, started: asyncio.Event | None) -> None:
+    settings = edge.settings
+    runner = EdgeRunner(create_app(edge), handler_cancellation=True, access_log=None)
     notifier = Notifier.from_env(SystemdEnv())
     await runner.setup()
     runtime.tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
-        http = app[LISTENERS].http
+        http = edge.listeners.http
         site = GuardedSite(runner, settings.host, settings.port, http)
         await site.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _on_sighup, app)
+        loop.add_signal_handler(signal.SIGHUP, _on_sighup, edge)
         log.info(
             "edge.listening",
             address=site.name,

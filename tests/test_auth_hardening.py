@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.exchange import Exchange
-from edge.policy.guard import GUARD, AnonymousLines
+from edge.policy.guard import AnonymousLines
 from edge.proxy import body_json
 from edge.record import RequestRecord
 from tests.support.keyfiles import Clock, bearer, captured_logs, keyed, reached, write_keys
@@ -55,7 +55,7 @@ async def test_a_key_after_a_tab_or_any_case_of_bearer_is_served_and_no_failure(
                     assert r.status == 200, value
                 assert (await e.record(f"ok-{n}"))["key"] == "good"
             assert len(reached(sim)) == len(spellings)
-            assert not e.app[GUARD].bans._failures, "no failure counted towards a ban"
+            assert not e.edge.guard.bans._failures, "no failure counted towards a ban"
 
             # The wrong key with a TAB is still a wrong key, counted as one.
             wrong = {"Authorization": "Bearer\tbh_" + "A" * 43, "X-Request-Id": "wrong"}
@@ -63,7 +63,7 @@ async def test_a_key_after_a_tab_or_any_case_of_bearer_is_served_and_no_failure(
                 assert r.status == 401
                 assert (await r.json())["type"] == "unauthorized"
             assert (await e.record("wrong"))["type"] == "unauthorized"
-            assert len(e.app[GUARD].bans._failures) == 1
+            assert len(e.edge.guard.bans._failures) == 1
     failed = [x for x in logs if x["event"] == "auth.failed"]
     assert [x["request_id"] for x in failed] == ["wrong"]
 
@@ -110,7 +110,7 @@ async def test_an_anonymous_flood_writes_a_bounded_number_of_lines_and_counts_th
                 # A scheme and no key is no key: the same 401, the same count.
                 await flood(attacker, f"{e.url}/v1/chat/completions", 1, Authorization="Bearer")
             # A banned address flooding on: the same bound (bans key on the address).
-            e.app[GUARD].bans.ban("127.0.0.3", time.time() + 3600)
+            e.edge.guard.bans.ban("127.0.0.3", time.time() + 3600)
             async with client_from("127.0.0.3") as banned_client:
                 await flood(banned_client, f"{e.url}/api/generate", banned, **bearer("x"))
             # Another address is served and written as ever, with or without its key.

@@ -7,8 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge.exchange import address_group, canonical_address
-from edge.policy.guard import GUARD
+from edge.policy.clients import address_group, canonical_address
 from tests.support.keyfiles import bearer, captured_logs, keyed, reached, write_keys
 from tests.support.servers import edge, simulator
 
@@ -98,7 +97,7 @@ async def test_a_proxy_that_names_no_client_is_refused_not_taken_for_everyone(
             named = {**bearer(secrets["real"]), "X-Forwarded-For": "198.51.100.7"}
             async with http.post(f"{e.url}/api/generate", json=GEN, headers=named) as r:
                 assert r.status == 200
-            assert len(e.app[GUARD].bans) == 0
+            assert len(e.edge.guard.bans) == 0
             assert reached(sim) == ["/api/generate"]
     events = [x["event"] for x in logs]
     assert events.count("auth.unknown_client") == 1  # once a minute, not once a request

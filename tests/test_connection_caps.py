@@ -20,15 +20,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app import create_app
-from edge.metrics import METRICS
 from edge.policy.admission import (
-    LISTENERS,
     Admission,
     GuardedSite,
     HandshakeRate,
     MaxStartups,
     derived_total,
 )
+from edge.services import Edge, open_edge
 from edge.settings import EdgeSettings
 from tests.support.flood import ATTACKER, close_all, connect, http_status, refused
 from tests.support.keyfiles import Clock, captured_logs
@@ -37,12 +36,12 @@ from tests.support.servers import free_port
 
 @dataclass
 class Guarded:
-    app: web.Application
+    edge: Edge
     port: int
 
     @property
     def http(self) -> Admission:
-        return self.app[LISTENERS].http
+        return self.edge.listeners.http
 
 
 @asynccontextmanager
@@ -56,19 +55,19 @@ async def guarded_edge(tmp_path: Path, **settings: Any) -> AsyncIterator[Guarded
         bans_path=tmp_path / "bans.json",
         **settings,
     )
-    app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    try:
-        site = GuardedSite(runner, "127.0.0.1", 0, app[LISTENERS].http)
-        await site.start()
-        yield Guarded(app, int(site.name.rpartition(":")[2]))
-    finally:
-        await runner.cleanup()
+    async with open_edge(config) as edge:
+        runner = web.AppRunner(create_app(edge), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            site = GuardedSite(runner, "127.0.0.1", 0, edge.listeners.http)
+            await site.start()
+            yield Guarded(edge, int(site.name.rpartition(":")[2]))
+        finally:
+            await runner.cleanup()
 
 
 def refusals(edge: Guarded, reason: str) -> float:
-    text = generate_latest(edge.app[METRICS].registry).decode()
+    text = generate_latest(edge.edge.metrics.registry).decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels

@@ -10,8 +10,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from edge.state import UPSTREAM
-from edge.upstreams.monitor import State
+from edge.upstreams.base import State
 from simulator.serve import running_simulator
 from tests.support.keyfiles import captured_logs
 from tests.support.servers import edge, free_port, raw_server, serving, simulator
@@ -176,7 +175,7 @@ async def test_agent_returning_is_noticed(tmp_path: Path, http: aiohttp.ClientSe
         # The agent comes back: an upstream on the very port the edge knows.
         async with running_simulator(port=port):
             async with asyncio.timeout(10):  # the probe runs every 0.5 s while down
-                await e.app[UPSTREAM].wait_state(State.UP)
+                await e.edge.upstream.monitor.wait_state(State.UP)
             async with http.post(f"{e.url}/api/generate", json=GEN) as r:
                 assert r.status == 200
 

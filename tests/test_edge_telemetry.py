@@ -9,7 +9,6 @@ import aiohttp
 import orjson
 
 from edge.record import FIELDS, RequestRecord, parse_line
-from edge.state import TELEMETRY
 from edge.telemetry import TelemetryWriter
 from tests.support.servers import edge, simulator
 
@@ -93,7 +92,7 @@ async def test_failing_disk_is_logged_and_serving_goes_on(
         for _ in range(3):
             async with http.post(f"{e.url}/api/generate", json=GEN) as r:
                 assert r.status == 200
-        writer = e.app[TELEMETRY]
+        writer = e.edge.telemetry
         assert await writer.wait_flushed()
         assert writer.dropped == 3
         blocked.rmdir()  # the disk recovers: lines flow again

@@ -9,7 +9,6 @@ import aiohttp
 import pytest
 
 from edge.errors import Overloaded
-from edge.state import GATE
 from edge.upstreams.gate import Gate, Slot
 from tests.support.keyfiles import bearer, write_keys
 from tests.support.servers import edge, simulator
@@ -176,7 +175,7 @@ async def test_anonymous_callers_share_slots_fairly_by_address(
         simulator(tok_per_s=20, reply_tokens=10_000) as sim,
         edge(sim.url, tmp_path, max_inflight=1, trusted_proxies=["127.0.0.1/32"]) as e,
     ):
-        g = e.app[GATE]
+        g = e.edge.upstream.gate
 
         async def call(request_id: str, address: str) -> int:
             body = {**GEN, "options": {"num_predict": 1}}
@@ -221,7 +220,7 @@ async def test_api_keys_share_the_gate_within_their_own_limits(
         simulator(tok_per_s=20, reply_tokens=10_000, parallel=2) as sim,
         edge(sim.url, tmp_path, auth="keys", max_inflight=2) as e,
     ):
-        g = e.app[GATE]
+        g = e.edge.upstream.gate
 
         async def call(request_id: str, key: str) -> int:
             body = {**GEN, "options": {"num_predict": 1}}

@@ -23,7 +23,6 @@ import aiohttp
 import orjson
 import pytest
 
-from edge.policy.guard import GUARD
 from edge.policy.keys import digest, new_secret
 from shared.errors import ConfigError
 from tests.support.keyfiles import bearer, captured_logs, keyed, write_keys
@@ -173,7 +172,7 @@ async def test_keys_file_made_writable_by_others_is_refused_on_reload(
     path = tmp_path / "keys.json"
     old = write_keys(path, old={})
     async with edge("http://127.0.0.1:1", tmp_path, **keyed(tmp_path)) as e:
-        keys = e.app[GUARD].keys
+        keys = e.edge.guard.keys
         assert keys is not None
         with captured_logs() as logs:
             new = write_keys(path, new={})

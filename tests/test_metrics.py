@@ -13,10 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from edge.metrics import METRICS, OTHER, Scrape, scrape_access
+from edge.metrics import OTHER, Scrape, scrape_access
 from edge.record import RequestRecord
 from edge.settings import EdgeSettings
-from edge.state import GATE, SESSION, UPSTREAM
 from shared.errors import ConfigError
 from tests.support.keyfiles import captured_logs
 from tests.support.servers import edge, simulator
@@ -118,7 +117,7 @@ async def test_gauges_show_a_held_stream_and_a_queued_request(
         simulator(reply_tokens=60, tok_per_s=30) as sim,
         edge(sim.url, tmp_path, max_inflight=1) as e,
     ):
-        gate = e.app[GATE]
+        gate = e.edge.upstream.gate
         payload = {**GEN, "stream": True}
         async with http.post(f"{e.url}/api/generate", json=payload) as held:
             assert held.status == 200
@@ -148,8 +147,8 @@ async def test_gauges_show_a_held_stream_and_a_queued_request(
 
 async def test_agent_connects_and_upstream_state(tmp_path: Path, http: aiohttp.ClientSession):
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
-        monitor = e.app[UPSTREAM]
-        await monitor.probe(e.app[SESSION])
+        monitor = e.edge.upstream.monitor
+        await monitor.probe(e.edge.sessions.pooled)
         # What the embedded SSH server reports: the agent drops, then comes back twice.
         for present in (True, False, True, False, True):
             monitor.set_agent_present(present)
@@ -274,7 +273,7 @@ def test_access_decision():
 
 async def test_labels_stay_bounded(tmp_path: Path):
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
-        metrics = e.app[METRICS]
+        metrics = e.edge.metrics
 
         def rec(**fields: Any) -> RequestRecord:
             return RequestRecord(id="x", method="POST", route="/api/generate", **fields)
@@ -289,14 +288,14 @@ async def test_labels_stay_bounded(tmp_path: Path):
         assert metrics.route_label(rec(feature="summarise")) == "/features/summarise"
 
     async with simulator() as sim, edge(sim.url, tmp_path, models=["llama3.2:1b"]) as e:
-        metrics = e.app[METRICS]
+        metrics = e.edge.metrics
         assert metrics.model_label(rec(model="llama3.2:1b", status=500)) == "llama3.2:1b"
         assert metrics.model_label(rec(model="qwen2.5:0.5b", status=200)) == OTHER
 
 
 async def test_observe_never_raises(tmp_path: Path):
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
-        metrics = e.app[METRICS]
+        metrics = e.edge.metrics
         broken = RequestRecord(id="x", method="POST", route="/api/generate", status=200)
         broken.tokens = -1  # a counter refuses to go down: prometheus-client raises
         with captured_logs() as logs:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from edge.models import ModelPolicy, canonical_model, is_cloud_model
 from edge.proxy import usage
-from edge.proxy.ollama import ModelPolicy, canonical_model, filter_models, is_cloud_model
+from edge.proxy.ollama import filter_models
 from edge.routes import BY_PATH
 
 OPEN = ModelPolicy([])

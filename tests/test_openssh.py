@@ -16,7 +16,6 @@ import asyncssh
 import pytest
 
 from agent.errors import AuthRefused, ForwardMisconfigured
-from edge.state import SESSION, UPSTREAM
 from simulator.serve import running_simulator
 from tests.support.servers import edge, free_port
 from tests.support.sshd import (
@@ -47,14 +46,14 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
         edge(f"http://127.0.0.1:{bind}", tmp_path, ssh_port=0) as e,
         aiohttp.ClientSession() as http,
     ):
-        app, url = e.app, e.url
+        url = e.url
         agent = agent_settings(
             tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url, pinned=sshd.host_public_key
         )
         async with running_tunnel(agent, up_within=10) as tunnel:
-            assert app[UPSTREAM].status.agent_present is None
+            assert e.edge.upstream.monitor.status.agent_present is None
             assert tunnel.cipher == "aes128-gcm@openssh.com"
-            assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
+            assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
             headers = {"X-Request-Id": "via-sshd"}
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
@@ -67,7 +66,7 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
             await sshd.wait_exited(sessions)
         # Without presence events (sshd mode) the edge learns it from its probe or a refused
         # connect; probe once here rather than wait for the next scheduled one.
-        assert (await app[UPSTREAM].probe(app[SESSION])).value == "agent_absent"
+        assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "agent_absent"
         start = time.monotonic()
         headers = {"X-Request-Id": "gone"}
         async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:

@@ -11,7 +11,6 @@ import orjson
 import pytest
 
 from edge.policy.bans import BanList
-from edge.policy.guard import GUARD
 from tests.support.keyfiles import (
     Clock,
     assert_no_secret,
@@ -86,10 +85,10 @@ async def test_concurrent_failures_ban_once(tmp_path: Path, http: aiohttp.Client
                 statuses = await asyncio.gather(*(guess(i) for i in range(40)))
             assert set(statuses) <= {401, 403} and statuses.count(401) >= 10
             assert len([x for x in logs if x["event"] == "auth.banned"]) == 1
-            assert len(e.app[GUARD].bans) == 1
+            assert len(e.edge.guard.bans) == 1
             records = await e.records()
             # Each refusal has its line, or (the banned address's past a burst) is counted.
-            e.app[GUARD].anonymous.report()
+            e.edge.guard.anonymous.report()
             events = [x for x in logs if x["event"] == "auth.unauthenticated_suppressed"]
             assert len(records) + sum(x["count"] for x in events) == 40
             assert {r["type"] for r in records} <= {"unauthorized", "banned"}

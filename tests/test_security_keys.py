@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from edge.__main__ import main as edge_main
-from edge.policy.guard import GUARD
 from edge.policy.keys import read_keys_file
 from tests.support.keyfiles import (
     assert_no_secret,
@@ -163,11 +162,11 @@ async def test_no_keys_file_refuses_everything_and_tells_the_operator(
                 async with http.post(f"{e.url}/api/generate", json=GEN, headers=headers) as r:
                     assert r.status == 401
             assert reached(sim) == []
-            assert len(e.app[GUARD].bans) == 0, "the operator's mistake bans nobody"
+            assert len(e.edge.guard.bans) == 0, "the operator's mistake bans nobody"
             [hint] = [x for x in logs if x["event"] == "keys.none"]
             assert "backhaul-edge keys add" in hint["hint"]
             # The operator adds a key: it works within the reload interval, no restart.
-            store = e.app[GUARD].keys
+            store = e.edge.guard.keys
             assert store is not None
             secrets = write_keys(tmp_path / "keys.json", first={})
             async with asyncio.timeout(5):
@@ -189,7 +188,7 @@ async def test_key_file_edited_while_a_stream_runs(
             simulator(reply_tokens=30, tok_per_s=60) as sim,
             edge(sim.url, tmp_path, **keyed(tmp_path)) as e,
         ):
-            store = e.app[GUARD].keys
+            store = e.edge.guard.keys
             assert store is not None and store.generation == 1
             headers = {**bearer(secrets["streamer"]), "X-Request-Id": "s"}
             async with http.post(

@@ -8,7 +8,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from edge.policy.guard import GUARD
 from edge.policy.limits import Buckets
 from tests.support.keyfiles import Clock, assert_no_secret, bearer, captured_logs, keyed, write_keys
 from tests.support.servers import edge, simulator
@@ -19,7 +18,7 @@ GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 def frozen_clock(e) -> Clock:
     """Stop time for the edge's limiters: tests move it instead of sleeping."""
     clock = Clock()
-    guard = e.app[GUARD]
+    guard = e.edge.guard
     for buckets in (guard.key_rpm, guard.key_tpm, guard.callers):
         buckets.clock = clock
     return clock

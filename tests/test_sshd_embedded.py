@@ -13,8 +13,7 @@ import aiohttp
 import asyncssh
 import pytest
 
-from edge.state import SESSION, UPSTREAM
-from edge.upstreams.sshd import CIPHER_ALGS, SSH_SERVER, EmbeddedSSHServer
+from edge.upstreams.sshd import CIPHER_ALGS, EmbeddedSSHServer
 from simulator.serve import running_simulator
 from tests.support import flood
 from tests.support.servers import free_port
@@ -138,15 +137,15 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
         edge_with_sshd(bind, tmp_path) as e,
         aiohttp.ClientSession() as http,
     ):
-        app, url = e.app, e.url
-        server: EmbeddedSSHServer = app[SSH_SERVER]
+        url = e.url
+        server: EmbeddedSSHServer = e.sshd
         agent = agent_settings(
             tmp_path, server.port, f"127.0.0.1:{bind}", sim.url, pinned=server.host_public_key
         )
         async with running_tunnel(agent, up_within=5):
-            assert app[UPSTREAM].status.agent_present is True
+            assert e.edge.upstream.monitor.status.agent_present is True
             # Presence wakes the edge's probe; probing here makes "ready" deterministic.
-            assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
+            assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
             headers = {"X-Request-Id": "through-the-tunnel"}
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
@@ -155,7 +154,8 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             assert record["status"] == 200
             assert record["outcome"] == "ok"
         # The agent is gone: presence drops with its connection, the next request is 503 now.
-        assert app[UPSTREAM].status.agent_present is False
+        status = e.edge.upstream.monitor.status  # read again: the tunnel has closed
+        assert status.agent_present is False
         start = time.monotonic()
         headers = {"X-Request-Id": "agent-gone"}
         async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:

@@ -19,7 +19,6 @@ import openai
 import orjson
 import pytest
 
-from edge.policy.guard import GUARD
 from edge.proxy.usage import TokenCount, estimate_prompt_tokens
 from simulator import wire
 from tests.support.keyfiles import Clock, bearer, keyed, write_keys
@@ -33,7 +32,7 @@ BIG = 10_000  # a tpm the test only reads the charge from
 
 def _charged(e: Edge, key: str, tpm: int) -> int:
     """Tokens taken from `key`'s bucket so far (the edge's clock is frozen)."""
-    return tpm - e.app[GUARD].key_tpm.decision(key, tpm).remaining
+    return tpm - e.edge.guard.key_tpm.decision(key, tpm).remaining
 
 
 def _prompt_tokens() -> int:
@@ -45,7 +44,7 @@ def _prompt_tokens() -> int:
 
 def _frozen(e: Edge) -> None:
     clock = Clock()
-    guard = e.app[GUARD]
+    guard = e.edge.guard
     guard.key_rpm.clock = guard.key_tpm.clock = clock
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edge.policy.guard import GUARD
 from tests.support.keyfiles import bearer, keyed, write_keys
 from tests.support.proxies import requires, running_proxy
 from tests.support.servers import edge, simulator
@@ -82,7 +81,7 @@ async def test_bad_keys_ban_the_guesser_not_the_proxy(tmp_path: Path, kind: str)
             assert (await r.json())["type"] == "banned"
         async with other.post(url, json=GEN, headers=bearer(secrets["real"])) as r:
             assert r.status == 200
-        bans = e.app[GUARD].bans
+        bans = e.edge.guard.bans
         assert len(bans) == 1 and bans.banned_for(GUESSER) is not None
         assert {r["client"] for r in await e.records()} == {GUESSER, OTHER}
 

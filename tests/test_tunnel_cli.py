@@ -15,7 +15,6 @@ import aiohttp
 import orjson
 
 from agent.status import STATUS_FILE, StatusBoard
-from edge.upstreams.sshd import SSH_SERVER
 from simulator.serve import running_simulator
 from tests.support.servers import free_port
 from tests.support.sshd import GEN, authorize_agent, edge_with_sshd, pin
@@ -103,7 +102,7 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
         edge_with_sshd(bind, tmp_path) as e,
         aiohttp.ClientSession() as http,
     ):
-        server = e.app[SSH_SERVER]
+        server = e.sshd
         pin(tmp_path / "known_hosts", server.port, server.host_public_key)
         env = {
             **os.environ,

@@ -14,8 +14,6 @@ from aiohttp import web
 from agent.model_server import ModelServer
 from agent.settings import AgentSettings
 from agent.status import StatusBoard
-from edge.state import SESSION, UPSTREAM
-from edge.upstreams.sshd import SSH_SERVER
 from shared.notify import Notifier
 from simulator.serve import SimulatorSettings, running_simulator
 from tests.support.servers import free_port, serving
@@ -102,15 +100,15 @@ async def test_model_server_down_behind_a_live_tunnel_is_502_at_once(tmp_path: P
         edge_with_sshd(bind, tmp_path, probe_interval=60) as e,
         aiohttp.ClientSession() as http,
     ):
-        app, url = e.app, e.url
-        server = app[SSH_SERVER]
+        url = e.url
+        server = e.sshd
         upstream = f"http://127.0.0.1:{sim_port}"
         agent = agent_settings(
             tmp_path, server.port, f"127.0.0.1:{bind}", upstream, pinned=server.host_public_key
         )
         async with running_tunnel(agent, up_within=5):
             async with running_simulator(SimulatorSettings(), port=sim_port):
-                assert (await app[UPSTREAM].probe(app[SESSION])).value == "up"
+                assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
                 async with http.post(f"{url}/api/generate", json=body) as r:
                     assert r.status == 200
             # The agent is there, its model server is gone: the agent's connect is refused,

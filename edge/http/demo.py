@@ -8,11 +8,10 @@ it needs that site's origin in `BACKHAUL_EDGE_CORS_ORIGINS`.
 
 from __future__ import annotations
 
+from functools import cache
 from importlib.resources import files
 
 from aiohttp import hdrs, web
-
-from edge.state import SETTINGS
 
 PAGE = files("edge.http").joinpath("demo.html")
 
@@ -30,13 +29,11 @@ _HEADERS = {
 }
 
 
-def setup(app: web.Application) -> None:
-    """Add `GET /demo` to `app` when the settings turn the page on (read once, here)."""
-    if not app[SETTINGS].demo_page:
-        return
-    body = PAGE.read_bytes()
+@cache
+def _body() -> bytes:
+    return PAGE.read_bytes()  # once, at the first request
 
-    async def demo_page(request: web.Request) -> web.Response:
-        return web.Response(body=body, headers=_HEADERS)
 
-    app.router.add_get("/demo", demo_page)
+async def page(request: web.Request) -> web.Response:
+    """`GET /demo`, routed only when the settings turn the page on (`edge.app`)."""
+    return web.Response(body=_body(), headers=_HEADERS)

@@ -37,10 +37,8 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edge.exchange import ClientAddress, address_group
-from edge.metrics import METRICS
+from edge.policy.clients import ClientAddress, address_group
 from edge.settings import EdgeSettings
-from edge.state import SETTINGS
 
 log = structlog.get_logger(__name__)
 
@@ -474,13 +472,3 @@ def ssh_admission(settings: EdgeSettings) -> Admission:
         startups=MaxStartups.parse(settings.ssh_max_startups),
         handshakes=HandshakeRate(settings.ssh_handshake_rate, settings.ssh_handshake_burst),
     )
-
-
-def setup(app: web.Application) -> None:
-    """Give `app` its HTTP admission and the listeners' metrics; call after `metrics.setup`."""
-    listeners = Listeners(http_admission(app[SETTINGS]))
-    app[LISTENERS] = listeners
-    app[METRICS].registry.register(ListenersCollector(listeners))
-
-
-LISTENERS = web.AppKey("listeners", Listeners)

@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 import structlog
 
-from edge.exchange import address_group
+from edge.policy.clients import address_group
 from shared.atomic import replace_file
 
 log = structlog.get_logger(__name__)

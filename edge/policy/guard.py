@@ -31,25 +31,23 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Protocol
 
 import structlog
 from aiohttp import hdrs, web
 
 from edge.errors import Banned, Forbidden, RateLimited, Unauthorized, UnknownClient
-from edge.exchange import Exchange, address_group
+from edge.exchange import Exchange
 from edge.policy.bans import BanList
+from edge.policy.clients import address_group
 from edge.policy.keys import ApiKey, KeyStore
 from edge.policy.limits import Buckets, Decision
-from edge.proxy.features import Feature
+from edge.routes import OPEN_PATHS
 from edge.settings import EdgeSettings
-from edge.state import SETTINGS
 
 log = structlog.get_logger(__name__)
 
-# Routes that need no key and are never banned: probes, /metrics (it checks its own token) and
-# the static demo page.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/demo"})
 _CHALLENGE = 'Bearer realm="backhaul"'
 _INVALID = 'Bearer realm="backhaul", error="invalid_token"'
 # RFC 9110's optional whitespace: what may separate the scheme from the credential.
@@ -69,8 +67,22 @@ _SUPPRESSED_REPORT_S = 60.0
 _REPORTED_ADDRESSES = 100
 
 
+class Feature(Protocol):
+    """What the guard reads of a feature endpoint (`edge.proxy.features.Feature` is one): policy
+    sits below the request path and imports nothing from it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def anonymous(self) -> bool: ...
+    @property
+    def rpm(self) -> int | None: ...
+
+
 class Guard:
-    """The edge's gatekeeper: bans, keys, limits. One per app (`app[GUARD]`)."""
+    """The edge's gatekeeper: bans, keys, limits. One per edge (`Edge.guard`)."""
 
     def __init__(
         self,
@@ -88,6 +100,19 @@ class Guard:
         self.anonymous = AnonymousLines(settings.max_tracked_clients, clock)
         self._missing_logged = -math.inf
         self._unknown_logged = -math.inf
+
+    def start(self) -> None:
+        """Read the saved bans and the keys file; say so if there are no keys."""
+        self.bans.load()
+        if self.keys is not None:
+            self.keys.load()
+            if not self.keys.present:
+                self.log_if_no_keys()
+
+    async def close(self) -> None:
+        """At shutdown: report what was counted since the last report, save the ban list."""
+        self.anonymous.report()
+        await self.bans.close()
 
     def check_ban(self, ex: Exchange) -> None:
         """Refuse a banned address before anything else (preflights too), and a request from a
@@ -335,52 +360,3 @@ def _limited(message: str, decision: Decision) -> RateLimited:
     return RateLimited(
         f"{message}; retry in {decision.retry_after_s} s", headers=decision.headers()
     )
-
-
-GUARD = web.AppKey("guard", Guard)
-
-
-def setup(app: web.Application) -> None:
-    """Add the guard to `app`; its keys file watcher and ban saver run in a cleanup context.
-
-    Error handling: raises `ConfigError` when the keys file is there but cannot be used.
-    """
-    settings = app[SETTINGS]
-    keys = KeyStore(settings.keys_path) if settings.auth == "keys" else None
-    if keys is not None:
-        # Here, before anything is opened: a keys file that cannot be used stops the edge.
-        keys.load_at_start()
-    bans = BanList(
-        settings.bans_path,
-        settings.ban_threshold,
-        settings.ban_window,
-        settings.ban_period,
-        settings.max_tracked_clients,
-    )
-    app[GUARD] = Guard(settings, keys, bans)
-    app.cleanup_ctx.append(_watchers)
-
-
-async def _watchers(app: web.Application) -> AsyncIterator[None]:
-    guard = app[GUARD]
-    settings = app[SETTINGS]
-    guard.bans.load()
-    loop = asyncio.get_running_loop()
-    tasks = [
-        loop.create_task(guard.bans.run_saver(), name="bans-saver"),
-        loop.create_task(guard.anonymous.run_reporter(), name="suppressed-reporter"),
-    ]
-    if guard.keys is not None:
-        guard.keys.load()
-        if not guard.keys.present:
-            guard.log_if_no_keys()
-        interval = settings.keys_reload_interval
-        tasks.append(loop.create_task(guard.keys.watch(interval), name="keys-watcher"))
-    try:
-        yield
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        guard.anonymous.report()  # what was counted since the last report is not lost
-        await guard.bans.close()

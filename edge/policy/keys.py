@@ -40,7 +40,7 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge.proxy.ollama import canonical_model
+from edge.models import canonical_model
 from shared.atomic import replace_file
 from shared.errors import ConfigError
 

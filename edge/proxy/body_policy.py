@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.errors import Forbidden, InvalidRequest
-from edge.proxy.ollama import GO_SPACE, LOAD_TIME_OPTIONS, ModelPolicy
+from edge.models import GO_SPACE, ModelPolicy
+from edge.proxy.ollama import LOAD_TIME_OPTIONS
 from edge.routes import Kind, Route
 
 # Go's `foldName` (encoding/json): ASCII case, plus the only two non-ASCII runes whose simple

@@ -3,7 +3,7 @@
 Before response headers are sent, every failure becomes a status (an `EdgeError`); after
 `prepare()` a failure can only cut the stream, which the client sees as a truncated body (for
 NDJSON and SSE, after an error line in the route's own shape). Library exceptions from aiohttp's
-client are translated in one place, `map_upstream_errors()`.
+client are translated in one place, `TunnelUpstream.errors()` (edge.upstreams.tunnel).
 
 Resource handling: the upstream response is released to the connection pool only when it was
 read to the end; on any other exit (the client went away, the stream broke) it is closed, which
@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -33,16 +32,15 @@ from edge.errors import (
     RequestTimeout,
     UpstreamBusy,
     UpstreamFailed,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.proxy import body_json, body_limits, ollama, relay, usage
 from edge.proxy.usage import Usage
 from edge.routes import Kind, Route
-from edge.state import BODY_LIMITS, BODY_POLICY, GATE, MODELS, SESSIONS, SETTINGS, UPSTREAM
+from edge.services import EDGE, Edge
+from edge.settings import EdgeSettings
 from edge.upstreams import connections
-from edge.upstreams.monitor import State, UpstreamMonitor
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # A buffered answer larger than this is written by the handler under the write timeout: left to
@@ -60,27 +58,27 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     ex: Exchange = request[EXCHANGE]
     route = ex.route
     assert route is not None
-    app = request.app
+    edge = request.app[EDGE]
+    settings = edge.settings
     payload: bytes | None = None
     if route.has_body:
-        settings = app[SETTINGS]
         # Read before the gate, so a client trickling its body never holds a GPU slot.
         body = await _read_json(request, ex, settings.max_body_bytes, settings.body_timeout)
         # The upstream gets the body the edge built, never the client's bytes: the checks
         # below hold in the model server's reading because it reads only what they checked.
-        built = app[BODY_POLICY].build(route, body)
+        built = edge.body_policy.build(route, body)
         facts = built.facts
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
-        body_limits.check(built.body, app[BODY_LIMITS])
+        body_limits.check(built.body, edge.body_limits)
         if ex.key is not None and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         try:
             payload = orjson.dumps(built.body)
         except orjson.JSONEncodeError:  # orjson writes 255 levels at most, reads 1,024
             raise InvalidRequest("the request body is nested too deeply") from None
-    response = await forward(request, ex, route, payload)
-    return await _send_large(request, ex, response, app[SETTINGS].write_timeout)
+    response = await forward(request, edge, ex, route, payload)
+    return await _send_large(request, ex, response, settings.write_timeout)
 
 
 async def _send_large(
@@ -105,21 +103,20 @@ async def _send_large(
 
 
 async def forward(
-    request: web.Request, ex: Exchange, route: Route, payload: bytes | None
+    request: web.Request, edge: Edge, ex: Exchange, route: Route, payload: bytes | None
 ) -> web.StreamResponse:
     """Send a checked `payload` to `route` upstream: 503 at once when the upstream is away, a
     gate slot for inference, then relay. Feature endpoints (edge.proxy.features) call it too."""
-    app = request.app
-    monitor = app[UPSTREAM]
-    refusal = monitor.refusal()
+    upstream = edge.upstream
+    refusal = upstream.monitor.refusal()
     if refusal is not None:
         raise refusal
     if route.kind in (Kind.GENERATE, Kind.EMBED):
         key, limit = gate_key(ex)
-        async with app[GATE].slot(key, limit) as slot:
+        async with upstream.gate.slot(key, limit) as slot:
             ex.record.queue_ms = round(slot.queue_ms, 3)
-            return await _forward(request, ex, route, payload, slot.release)
-    return await _forward(request, ex, route, payload, _no_slot)
+            return await _forward(request, edge, ex, route, payload, slot.release)
+    return await _forward(request, edge, ex, route, payload, _no_slot)
 
 
 def gate_key(ex: Exchange) -> tuple[str, int | None]:
@@ -154,61 +151,40 @@ async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeou
     return await body_json.load(raw)
 
 
-@contextmanager
-def map_upstream_errors(monitor: UpstreamMonitor) -> Iterator[None]:
-    """Translate aiohttp client failures before response headers into our errors."""
-    try:
-        yield
-    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-        monitor.report(State.AGENT_ABSENT, f"connect failed: {exc}")
-        refusal = monitor.refusal()  # AgentUnavailable now, worded in one place
-        assert refusal is not None
-        raise refusal from exc
-    except TimeoutError as exc:  # the read timeout, or the monitor woke us: tunnel is down
-        refusal = monitor.refusal()
-        if refusal is not None:
-            raise refusal from exc
-        raise UpstreamTimeout("the model server did not answer in time") from exc
-    except aiohttp.ClientError as exc:  # accepted, then reset: the agent's model server is down
-        raise UpstreamUnavailable(
-            "the workstation is connected but its model server did not answer",
-            headers={"Retry-After": monitor.retry_after},
-        ) from exc
-
-
 async def _forward(
     request: web.Request,
+    edge: Edge,
     ex: Exchange,
     route: Route,
     payload: bytes | None,
     release_slot: Callable[[], None],
 ) -> web.StreamResponse:
-    app = request.app
-    settings = app[SETTINGS]
-    monitor = app[UPSTREAM]
+    settings, tunnel = edge.settings, edge.upstream
     # Built from scratch, never copied from the client: a loopback Host (set by aiohttp from
     # the URL), no Origin (Ollama refuses unknown origins), no cookies or credentials.
     headers = {hdrs.ACCEPT_ENCODING: "identity", "X-Request-Id": ex.id}
     if payload is not None:
         headers[hdrs.CONTENT_TYPE] = "application/json"
-    ex.record.upstream = settings.upstream
-    url = settings.upstream + route.path
+    ex.record.upstream = tunnel.name
+    url = tunnel.url + route.path
     t0 = time.perf_counter()
-    with map_upstream_errors(monitor):
-        async with monitor.waiting(settings.read_timeout):
+    with tunnel.errors():
+        async with tunnel.monitor.waiting(settings.read_timeout):
             upstream = await connections.send(
-                app[SESSIONS], ex.record, route.method, url, payload, headers
+                edge.sessions, ex.record, route.method, url, payload, headers
             )
     ex.record.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 3)
     try:
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "application/json")
         if upstream.status == 200 and content_type.startswith(STREAM_TYPES):
-            response = await _relay_stream(request, ex, upstream, content_type, t0, release_slot)
+            response = await _relay_stream(
+                request, settings, ex, upstream, content_type, t0, release_slot
+            )
         else:
-            with map_upstream_errors(monitor):
+            with tunnel.errors():
                 body = await upstream.read()
             ex.upstream_s = time.perf_counter() - t0
-            response = _buffered(ex, route, upstream.status, content_type, body, app)
+            response = _buffered(ex, route, upstream.status, content_type, body, edge)
     except BaseException:
         upstream.close()
         raise
@@ -217,12 +193,12 @@ async def _forward(
 
 
 def _buffered(
-    ex: Exchange, route: Route, status: int, content_type: str, body: bytes, app: web.Application
+    ex: Exchange, route: Route, status: int, content_type: str, body: bytes, edge: Edge
 ) -> web.Response:
     if status == 503:
         raise UpstreamBusy(
             f"the model server is busy: {_upstream_message(body)}",
-            headers={"Retry-After": app[UPSTREAM].retry_after},
+            headers={"Retry-After": edge.upstream.monitor.retry_after},
         )
     if status >= 500:
         log.warning(
@@ -237,7 +213,7 @@ def _buffered(
         return _response(ex, status, content_type, body, {})
     extra: dict[str, str] = {}
     if route.kind is Kind.LIST:
-        allows = _model_filter(app, ex)
+        allows = _model_filter(edge, ex)
         body = orjson.dumps(ollama.filter_models(route, _upstream_json(body), allows))
     elif route.kind is Kind.SHOW:
         body = orjson.dumps(ollama.filter_show(_upstream_json(body)))
@@ -263,9 +239,9 @@ def _upstream_json(body: bytes) -> Any:
         raise UpstreamUnavailable("the model server's answer is not JSON") from None
 
 
-def _model_filter(app: web.Application, ex: Exchange) -> Callable[[str], bool]:
+def _model_filter(edge: Edge, ex: Exchange) -> Callable[[str], bool]:
     """The models this caller may see listed: the edge's allowlist, then its key's own."""
-    policy, key = app[MODELS], ex.key
+    policy, key = edge.models, ex.key
     if key is None or not key.models:
         return policy.allows
     return lambda model: policy.allows(model) and key.allows_model(model)
@@ -316,6 +292,7 @@ def _with_count(ex: Exchange, facts: relay.StreamFacts, figures: Usage) -> Usage
 
 async def _relay_stream(
     request: web.Request,
+    settings: EdgeSettings,
     ex: Exchange,
     upstream: aiohttp.ClientResponse,
     content_type: str,
@@ -340,7 +317,6 @@ async def _relay_stream(
     ex.headers_sent = True
     ex.record.stream = True
     sse = content_type.startswith("text/event-stream")
-    settings = request.app[SETTINGS]
     facts = relay.StreamFacts()
 
     def upstream_ended() -> None:

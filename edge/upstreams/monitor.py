@@ -8,43 +8,26 @@ instead of waiting for a connect or read timeout, and requests already waiting f
 headers are woken with the same answer: a half-open tunnel accepts connections and then stays
 silent, so without this they would wait the whole read timeout.
 
-Resource handling: the probe task is owned by `run()`, which `edge.app` runs for the app's
-lifetime in its cleanup context.
+Resource handling: the probe loop is `run()`, which `edge.services.open_edge()` runs in the
+edge's task group for its lifetime.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
-from dataclasses import dataclass
 from types import TracebackType
 
 import aiohttp
 import structlog
 
 from edge.errors import AgentUnavailable, EdgeError, UpstreamUnavailable
+from edge.upstreams.base import State, Status, classify
 
 log = structlog.get_logger(__name__)
 
 # While down, probe this often (s): the agent's return is noticed within it.
 _DOWN_PROBE_INTERVAL_S = 0.5
-
-
-class State(enum.Enum):
-    UNKNOWN = "unknown"
-    UP = "up"
-    AGENT_ABSENT = "agent_absent"  # nothing listens on the tunnel's loopback port
-    TUNNEL_SILENT = "tunnel_silent"  # it accepts but never answers: a half-open tunnel
-    MODEL_SERVER_DOWN = "model_server_down"  # the agent answers, its model server does not
-
-
-@dataclass(frozen=True, slots=True)
-class Status:
-    state: State
-    reason: str
-    since: float  # time.time() of the last change
-    agent_present: bool | None  # from the embedded SSH server; None = not known (sshd mode)
 
 
 class _Waiting:
@@ -201,12 +184,11 @@ class UpstreamMonitor:
                     self._set(State.UP, f"probe answered {response.status}")
                 else:
                     self._set(State.MODEL_SERVER_DOWN, f"probe answered {response.status}")
-        except aiohttp.ClientConnectorError as exc:
-            self._set(State.AGENT_ABSENT, f"connect refused: {exc.os_error}")
-        except TimeoutError:
-            self._set(State.TUNNEL_SILENT, "probe got no answer in time")
-        except aiohttp.ClientError as exc:
-            self._set(State.MODEL_SERVER_DOWN, f"probe failed: {exc!r}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            seen = classify(exc)
+            assert seen is not None  # classify() reads every aiohttp failure and timeout
+            state, reason = seen
+            self._set(state, f"probe: {reason}")
         return self._state
 
     async def run(self, session: aiohttp.ClientSession) -> None:

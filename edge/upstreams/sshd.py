@@ -25,20 +25,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import structlog
-from aiohttp import web
 from asyncssh.forward import SSHLocalPortForwarder
 from asyncssh.listener import create_tcp_local_listener
 
-from edge.policy.admission import LISTENERS, Admission, Ticket, guarded, ssh_admission
+from edge.policy.admission import Admission, Ticket, guarded, ssh_admission
 from edge.settings import EdgeSettings
-from edge.state import SETTINGS, UPSTREAM
 from shared.errors import ConfigError
 from shared.protocol import REPLACED_REASON
 from shared.settings import url_address
@@ -432,28 +430,3 @@ class _AgentServer(asyncssh.SSHServer):
     def _refuse(self, what: str, **fields: str) -> None:
         peer = self._agent.peer if self._agent else "?"
         log.warning("sshd.refused", what=what, peer=peer, **fields)
-
-
-async def ssh_server_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: run the embedded server when `ssh_port` is not 0.
-
-    Append it after the context that creates `app[UPSTREAM]`; with the server off, presence is
-    unknown (`None`: system-sshd mode) and the liveness probe alone decides.
-    """
-    settings = app[SETTINGS]
-    monitor = app[UPSTREAM]
-    if settings.ssh_port == 0:
-        monitor.set_agent_present(None)
-        yield
-        return
-    server = EmbeddedSSHServer(settings, monitor.set_agent_present)
-    await server.start()
-    app[LISTENERS].others.append(server.admission)
-    app[SSH_SERVER] = server
-    try:
-        yield
-    finally:
-        await server.close()
-
-
-SSH_SERVER = web.AppKey("ssh_server", EmbeddedSSHServer)

@@ -18,11 +18,12 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from edge import services
 from edge.app import create_app
 from edge.exchange import EXCHANGE
 from edge.http.protocol import EdgeRunner
 from edge.settings import EdgeSettings
-from edge.state import TELEMETRY
+from edge.upstreams.sshd import EmbeddedSSHServer
 from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
 
 
@@ -34,9 +35,7 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    port = server.sockets[0].getsockname()[1]
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -50,15 +49,24 @@ def simulator(**settings: Any) -> AbstractAsyncContextManager[RunningSimulator]:
 
 @dataclass
 class Edge:
+    """A running edge: its URL, its application, and the objects it was built from."""
+
     url: str
     app: web.Application
+    edge: services.Edge
     telemetry_path: Path
     # request id -> set once the edge's middleware has finished with it (its line is written)
     ended: defaultdict[str, asyncio.Event]
 
+    @property
+    def sshd(self) -> EmbeddedSSHServer:
+        """The embedded SSH server (an edge started with `ssh_port`)."""
+        assert self.edge.sshd is not None, "this edge runs without its SSH server"
+        return self.edge.sshd
+
     async def records(self) -> list[dict[str, Any]]:
         """Every telemetry line written so far, parsed."""
-        assert await self.app[TELEMETRY].wait_flushed()
+        assert await self.edge.telemetry.wait_flushed()
         if not self.telemetry_path.exists():
             return []
         return [orjson.loads(line) for line in self.telemetry_path.read_bytes().splitlines()]
@@ -85,7 +93,13 @@ async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[
     settings.setdefault("keys_path", tmp_path / "keys.json")
     settings.setdefault("bans_path", tmp_path / "bans.json")
     config = EdgeSettings(upstream=upstream, telemetry_path=path, **settings)
-    app = create_app(config)
+    async with services.open_edge(config) as built, _serving_edge(built, path) as running:
+        yield running
+
+
+@asynccontextmanager
+async def _serving_edge(built: services.Edge, path: Path) -> AsyncIterator[Edge]:
+    app = create_app(built)
     ended: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     @web.middleware
@@ -101,7 +115,7 @@ async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[
 
     app.middlewares.insert(0, note_end)
     async with serving(app) as url:
-        yield Edge(url, app, path, ended)
+        yield Edge(url, app, built, path, ended)
 
 
 def free_port() -> int:

@@ -180,7 +180,7 @@ async def running_tunnel(
 @asynccontextmanager
 async def edge_with_sshd(bind: int, tmp_path: Path, **settings: Any) -> AsyncIterator[Edge]:
     """The real edge proxying to 127.0.0.1:`bind`, its SSH server on (host key, agent_keys in
-    `tmp_path`); the server is `e.app[SSH_SERVER]`."""
+    `tmp_path`); the server is `e.sshd`."""
     async with edge(
         f"http://127.0.0.1:{bind}",
         tmp_path,

@@ -1,0 +1,69 @@
+"""The edge's own answers: `/healthz`, `/readyz` and `/metrics`.
+
+`/healthz` says the process serves; `/readyz` says whether a request would reach the model server
+now (probing once if nothing is known yet); `/metrics` is Prometheus's, for a loopback scraper or
+the metrics token (`edge.metrics.scrape_access`).
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import hdrs, web
+from prometheus_client.exposition import choose_encoder
+
+from edge.errors import Forbidden
+from edge.exchange import EXCHANGE
+from edge.metrics import Scrape, scrape_access
+from edge.services import EDGE
+from edge.upstreams.base import State
+
+log = structlog.get_logger(__name__)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and serving; says nothing about the agent."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when requests can reach the model server now, else the error a request would get."""
+    edge = request.app[EDGE]
+    monitor = edge.upstream.monitor
+    if monitor.status.state is State.UNKNOWN:
+        await monitor.probe(edge.sessions.pooled)
+    unready = monitor.unready()
+    if unready is not None:
+        raise unready
+    status = monitor.status
+    return web.json_response(
+        {
+            "status": "ready",
+            "upstream": status.state.value,
+            "reason": status.reason,
+            "agent_present": status.agent_present,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """`GET /metrics` in the format the scraper asks for (Prometheus text or OpenMetrics)."""
+    ex = request[EXCHANGE]
+    edge = request.app[EDGE]
+    guard = edge.guard
+    client = ex.record.client
+    guard.refuse_banned(client)
+    token = edge.settings.metrics_token
+    access = scrape_access(request.remote, request.headers, token, ex.via_proxy)
+    if access is Scrape.GUESS:
+        banned = guard.bans.fail(client)
+        log.warning("auth.failed", reason="metrics_token", client=client, banned=banned)
+    if access is not Scrape.ALLOWED:
+        raise Forbidden(
+            "metrics are served to loopback scrapers that do not come through a proxy, or with "
+            "the metrics token as a bearer token"
+        )
+    encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+    body = encoder(edge.metrics.registry)
+    return web.Response(
+        body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.CACHE_CONTROL: "no-store"}
+    )

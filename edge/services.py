@@ -1,0 +1,182 @@
+"""`Edge`: the edge's app-wide objects, built in one place and one order by `open_edge()`.
+
+One typed owner instead of a dozen app keys spread over modules (the old `edge/state.py`):
+`open_edge(settings)` builds every long-lived object, runs every background loop (the upstream
+probe, the bans saver, the keys watcher, the report of suppressed anonymous refusals) in one
+`TaskGroup`, and closes everything in reverse order through one exit stack. Production
+(`edge.serve`) and the tests (`tests/support/servers.py`) both build the edge with it and hand
+the result to `create_app(edge)`; aiohttp sees one finished object under `EDGE`.
+
+Only handlers read `request.app[EDGE]`; everything below a handler gets its collaborators as
+arguments. This module imports no handler, so it never closes an import cycle.
+
+Structured concurrency: a background loop never ends on its own. One that fails is logged with
+its traceback (`edge.loop_failed`) and, through the task group, cancels the body of
+`async with open_edge(...)`: the edge stops with the loop's exception (an `ExceptionGroup`),
+which `serve` turns into a non-zero exit so systemd restarts it, instead of serving on with a
+frozen upstream state or an unsaved ban list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from edge.metrics import EdgeMetrics
+from edge.models import ModelPolicy
+from edge.policy.admission import Listeners, ListenersCollector, http_admission
+from edge.policy.bans import BanList
+from edge.policy.clients import ClientAddress
+from edge.policy.guard import Guard
+from edge.policy.keys import KeyStore
+from edge.proxy.body_limits import BodyLimits
+from edge.proxy.body_policy import BodyPolicy
+from edge.proxy.features import Feature, build_features
+from edge.settings import EdgeSettings
+from edge.telemetry import TelemetryWriter
+from edge.upstreams import connections
+from edge.upstreams.connections import Sessions
+from edge.upstreams.gate import Gate
+from edge.upstreams.monitor import UpstreamMonitor
+from edge.upstreams.sshd import EmbeddedSSHServer
+from edge.upstreams.tunnel import TunnelUpstream
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Edge:
+    """Everything the edge's handlers use, built by `open_edge()`."""
+
+    settings: EdgeSettings
+    clients: ClientAddress  # who the client is, through trusted proxies
+    models: ModelPolicy
+    body_policy: BodyPolicy
+    body_limits: BodyLimits
+    upstream: TunnelUpstream  # the tunnel's end, its monitor and its GPU gate
+    sessions: Sessions  # HTTP connections to the upstream
+    telemetry: TelemetryWriter
+    guard: Guard  # keys, limits, bans
+    features: Mapping[str, Feature]  # by raw path, `/features/NAME`
+    metrics: EdgeMetrics
+    listeners: Listeners  # connection caps at accept, per listener
+    sshd: EmbeddedSSHServer | None  # the embedded SSH server, when `ssh_port` is set
+
+
+EDGE = web.AppKey("edge", Edge)
+
+
+@asynccontextmanager
+async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
+    """Build the edge, run its background loops for the body of the `async with`, close it.
+
+    Error handling: raises `ConfigError` (before anything is opened) when the keys file is there
+    but cannot be used, or a state path is not a regular file; and the `ExceptionGroup` of a
+    background loop that failed.
+    """
+    keys = KeyStore(settings.keys_path) if settings.auth == "keys" else None
+    if keys is not None:
+        keys.load_at_start()  # a keys file that cannot be used stops the edge here
+    clients = ClientAddress(settings.trusted_proxies)
+    models = ModelPolicy(settings.models)
+    bans = BanList(
+        settings.bans_path,
+        settings.ban_threshold,
+        settings.ban_window,
+        settings.ban_period,
+        settings.max_tracked_clients,
+    )
+    guard = Guard(settings, keys, bans)
+    monitor = UpstreamMonitor(
+        settings.upstream, settings.probe_interval, settings.probe_timeout, settings.retry_after
+    )
+    gate = Gate(
+        settings.max_inflight, settings.queue_max, settings.queue_timeout, settings.retry_after
+    )
+    upstream = TunnelUpstream(settings.upstream, settings.upstream, monitor, gate)
+    async with AsyncExitStack() as stack:
+        telemetry = TelemetryWriter(
+            settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
+        )
+        stack.push_async_callback(telemetry.aclose)
+        sessions = await stack.enter_async_context(connections.sessions(settings))
+        metrics = EdgeMetrics(settings.models, gate, monitor, telemetry)
+        listeners = Listeners(http_admission(settings))
+        metrics.registry.register(ListenersCollector(listeners))
+        sshd = None
+        if settings.ssh_port:
+            sshd = EmbeddedSSHServer(settings, monitor.set_agent_present)
+            await sshd.start()
+            stack.push_async_callback(sshd.close)
+            listeners.others.append(sshd.admission)
+        else:
+            monitor.set_agent_present(None)  # system sshd: the probe alone decides
+        edge = Edge(
+            settings=settings,
+            clients=clients,
+            models=models,
+            body_policy=BodyPolicy(
+                models, settings.max_output_tokens, settings.max_choices, settings.extra_fields
+            ),
+            body_limits=BodyLimits(
+                max_prompt_chars=settings.max_prompt_chars,
+                max_prompt_words=settings.max_prompt_words,
+                max_messages=settings.max_messages,
+                max_images=settings.max_images,
+            ),
+            upstream=upstream,
+            sessions=sessions,
+            telemetry=telemetry,
+            guard=guard,
+            features=build_features(settings),
+            metrics=metrics,
+            listeners=listeners,
+            sshd=sshd,
+        )
+        guard.start()
+        stack.push_async_callback(guard.close)  # the last ban list and report are kept
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(_supervised(name, loop), name=name)
+                    for name, loop in _loops(edge)
+                ]
+                try:
+                    yield edge
+                finally:
+                    for task in tasks:
+                        task.cancel()
+        except BaseExceptionGroup as failed:
+            # One failure (the body's own, or a loop's) leaves as itself, as from a plain `with`.
+            if len(failed.exceptions) == 1:
+                raise failed.exceptions[0] from None
+            raise
+
+
+def _loops(edge: Edge) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    """Every background loop of the edge, by name."""
+    loops: list[tuple[str, Coroutine[Any, Any, None]]] = [
+        ("probe", edge.upstream.monitor.run(edge.sessions.pooled)),
+        ("bans-saver", edge.guard.bans.run_saver()),
+        ("suppressed-reporter", edge.guard.anonymous.run_reporter()),
+    ]
+    keys = edge.guard.keys
+    if keys is not None:
+        loops.append(("keys-watcher", keys.watch(edge.settings.keys_reload_interval)))
+    return loops
+
+
+async def _supervised(name: str, loop: Coroutine[Any, Any, None]) -> None:
+    """Run one loop; its failure is logged with the traceback and stops the edge."""
+    try:
+        await loop
+    except Exception:
+        log.exception("edge.loop_failed", loop=name)
+        raise
+    raise RuntimeError(f"the edge's {name} loop ended; it should run until the edge stops")
