@@ -13,7 +13,6 @@ shows the check's own cost without the noise of two processes sharing two cores.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 
 from aiohttp.test_utils import make_mocked_request
 
-from bench import load, procs
+from bench import cli, load, procs
 from edge.exchange import Exchange
 from edge.policy.bans import BanList
 from edge.policy.guard import Guard
@@ -157,10 +156,7 @@ def _print(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser = cli.parser(__doc__, requests=2000)
     parser.add_argument(
         "--noise", action="store_true", help="also run two identical open edges (A/A)"
     )

@@ -41,7 +41,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import load, procs
+from bench import cli, load, procs
 from bench.tunnel_bench import write_key
 from tests.support import flood
 
@@ -351,12 +351,9 @@ def print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=250, help="per client kind and round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = cli.parser(__doc__, rounds=2, requests=250, requests_help="per client kind and round")
     parser.add_argument("--connections", type=int, default=3000)
     parser.add_argument("--rate", type=float, default=0.0, help="reopens a second (0: no cap)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     rows = figures(run(args))
     print_tables(rows, args)

@@ -17,7 +17,6 @@ held its slot until it had read its answer (docs/performance.md has that run too
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
@@ -30,7 +29,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench import load, procs
+from bench import cli, load, procs
 
 FAST_CLIENTS = 56
 SLOW_CLIENTS = 8
@@ -204,10 +203,7 @@ def print_gate(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
+    args = cli.parser(__doc__).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run(Path(tmp) / "gate.jsonl", args.rounds)
     if args.json:

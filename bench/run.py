@@ -15,13 +15,12 @@ reading 4 MB answers slowly; the fast clients' TTFB p99 with and without the slo
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import auth_bench, gate_bench, load, procs
+from bench import auth_bench, cli, gate_bench, load, procs
 
 
 def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
@@ -73,10 +72,7 @@ def w2_pair(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser = cli.parser(__doc__, requests=2000)
     parser.add_argument(
         "--auth", action="store_true", help="only W1 with API keys and rate limits on vs off"
     )

@@ -38,7 +38,7 @@ import aiohttp
 import asyncssh
 from aiohttp import web
 
-from bench import load, procs
+from bench import cli, load, procs
 
 AGENT = str(procs.BIN / "backhaul-agent")
 EDGE = str(procs.BIN / "backhaul-edge")
@@ -369,11 +369,8 @@ def w2_all(urls: dict[str, str], streams: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=1000, help="W1 requests per run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = cli.parser(__doc__, requests=1000, requests_help="W1 requests per run")
     parser.add_argument("--bulk", type=int, default=5, help="20 MB transfers per path")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--serve-blob", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_blob:
