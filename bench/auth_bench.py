@@ -40,26 +40,17 @@ def pair(off: str, on: str, key: str, concurrency: int, total: int, rounds: int)
     """Alternate open and keyed runs; the added cost is the median of the rounds' differences
     (paired, so a slow moment of the shared machine hits both sides of one difference)."""
     auth = {"Authorization": f"Bearer {key}"} if key else {}
-    load.run(load.w1(off, concurrency, 200))  # warm-up: connections, caches
-    load.run(load.w1(on, concurrency, 200, headers=auth))
-    pairs = []
-    for _ in range(rounds):
-        o = load.run(load.w1(off, concurrency, total))
-        k = load.run(load.w1(on, concurrency, total, headers=auth))
-        if o.errors or k.errors:
-            raise RuntimeError(f"failed requests: open {o.errors}, keyed {k.errors}")
-        pairs.append((o, k))
+    pairs = load.w1_rounds(off, on, concurrency, total, rounds, headers=auth)
     each_round = [k.p50 - o.p50 for o, k in pairs]
     added_p50 = statistics.median(each_round)
     added_p99 = statistics.median(k.p99 - o.p99 for o, k in pairs)
-    pairs.sort(key=lambda p: p[1].p50)
-    o, k = pairs[len(pairs) // 2]
+    o, k = load.median_round(pairs)
     return {
         "concurrency": concurrency,
         "requests": total,
         "rounds": rounds,
-        "off": {"rps": o.rps, "p50_ms": o.p50, "p99_ms": o.p99},
-        "on": {"rps": k.rps, "p50_ms": k.p50, "p99_ms": k.p99},
+        "off": o.w1_figures(),
+        "on": k.w1_figures(),
         "added_p50_ms": added_p50,
         "added_p99_ms": added_p99,
         "added_p50_each_round_ms": each_round,
@@ -145,12 +136,10 @@ def run_section(requests: int, rounds: int) -> dict[str, Any]:
 
 
 def _print(r: dict[str, Any]) -> None:
-    o, k = r["off"], r["on"]
     verdict = "ok" if r["added_p50_ms"] <= TARGET_ADDED_P50_MS else "OVER TARGET"
     print(
-        f"W1 c={r['concurrency']:<3} auth+limits off {o['rps']:7.0f} req/s p50 {o['p50_ms']:6.2f} "
-        f"p99 {o['p99_ms']:6.2f} ms | on {k['rps']:7.0f} req/s p50 {k['p50_ms']:6.2f} p99 "
-        f"{k['p99_ms']:6.2f} ms | added p50 {r['added_p50_ms']:+.3f} ms "
+        f"W1 c={r['concurrency']:<3} auth+limits off {load.w1_text(r['off'])} | "
+        f"on {load.w1_text(r['on'])} | added p50 {r['added_p50_ms']:+.3f} ms "
         f"p99 {r['added_p99_ms']:+.2f} ms ({verdict}: target <= {TARGET_ADDED_P50_MS} ms at p50)"
     )
 

@@ -49,12 +49,53 @@ class Result:
     def p99(self) -> float:
         return self.pct(99)
 
+    def w1_figures(self) -> dict[str, float]:
+        """The figures a W1 run reports: requests a second, p50 and p99 (`w1_text` prints them)."""
+        return {"rps": self.rps, "p50_ms": self.p50, "p99_ms": self.p99}
+
+
+def w1_text(figures: dict[str, float]) -> str:
+    """A W1 run's `w1_figures` as the benchmarks print them, aligned from one line to the next."""
+    return (
+        f"{figures['rps']:7.0f} req/s p50 {figures['p50_ms']:6.2f} ms "
+        f"p99 {figures['p99_ms']:6.2f} ms"
+    )
+
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run one load on uvloop: the generator's own overhead is the same for both targets and
     as small as we can make it, since it shares the two cores with the servers."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+def w1_rounds(
+    first: str,
+    second: str,
+    concurrency: int,
+    total: int,
+    rounds: int,
+    headers: dict[str, str] | None = None,
+) -> list[tuple[Result, Result]]:
+    """W1 against `first` then `second` (with `headers`: an API key, say), `rounds` times after a
+    warm-up of each; alternating, so that a slow moment of the shared machine falls on both sides
+    of a round, not on one side of the comparison. Raises `RuntimeError` if a request failed."""
+    run(w1(first, concurrency, 200))  # warm-up: connections, caches
+    run(w1(second, concurrency, 200, headers=headers))
+    pairs = []
+    for _ in range(rounds):
+        a = run(w1(first, concurrency, total))
+        b = run(w1(second, concurrency, total, headers=headers))
+        if a.errors or b.errors:
+            raise RuntimeError(f"failed requests: {first} {a.errors}, {second} {b.errors}")
+        pairs.append((a, b))
+    return pairs
+
+
+def median_round(pairs: list[tuple[Result, Result]]) -> tuple[Result, Result]:
+    """The round reported: the one whose second run has the median p50."""
+    ordered = sorted(pairs, key=lambda pair: pair[1].p50)
+    return ordered[len(ordered) // 2]
 
 
 def generate_body(tokens: int, stream: bool) -> dict[str, object]:

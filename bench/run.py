@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +25,12 @@ from bench import auth_bench, cli, gate_bench, load, procs
 
 
 def w1_pair(direct: str, through: str, concurrency: int, total: int, rounds: int) -> dict[str, Any]:
-    load.run(load.w1(direct, concurrency, 200))  # warm-up: connections, caches
-    load.run(load.w1(through, concurrency, 200))
-    pairs = []
-    for _ in range(rounds):
-        d = load.run(load.w1(direct, concurrency, total))
-        e = load.run(load.w1(through, concurrency, total))
-        if d.errors or e.errors:
-            raise RuntimeError(f"failed requests: direct {d.errors}, edge {e.errors}")
-        pairs.append((d, e))
-    pairs.sort(key=lambda p: p[1].p50)
-    d, e = pairs[len(pairs) // 2]
+    d, e = load.median_round(load.w1_rounds(direct, through, concurrency, total, rounds))
     return {
         "concurrency": concurrency,
         "requests": total,
-        "direct": {"rps": d.rps, "p50_ms": d.p50, "p99_ms": d.p99},
-        "edge": {"rps": e.rps, "p50_ms": e.p50, "p99_ms": e.p99},
+        "direct": d.w1_figures(),
+        "edge": e.w1_figures(),
         "added_p50_ms": e.p50 - d.p50,
         "added_p99_ms": e.p99 - d.p99,
         "rps_ratio": e.rps / d.rps,
@@ -119,23 +110,26 @@ def main() -> None:
 
 
 def _print_w1(r: dict[str, Any]) -> None:
-    d, e = r["direct"], r["edge"]
-    print(
-        f"W1 c={r['concurrency']:<3} direct {d['rps']:7.0f} req/s p50 {d['p50_ms']:6.2f} ms "
-        f"p99 {d['p99_ms']:6.2f} ms | edge {e['rps']:7.0f} req/s p50 {e['p50_ms']:6.2f} ms "
-        f"p99 {e['p99_ms']:6.2f} ms | added p50 {r['added_p50_ms']:+.2f} ms "
-        f"p99 {r['added_p99_ms']:+.2f} ms | ratio {r['rps_ratio']:.0%}"
-    )
+    versus = _versus(r, load.w1_text, "added")
+    print(f"W1 c={r['concurrency']:<3} {versus} | ratio {r['rps_ratio']:.0%}")
 
 
 def _print_w2(r: dict[str, Any]) -> None:
-    d, e = r["direct"], r["edge"]
-    print(
-        f"W2 {r['mode']:<6} {r['streams']} streams x 256 tok @290 tok/s: TTFB direct p50 "
-        f"{d['ttfb_p50_ms']:.2f} p99 {d['ttfb_p99_ms']:.2f} ms | edge p50 "
-        f"{e['ttfb_p50_ms']:.2f} p99 {e['ttfb_p99_ms']:.2f} ms | added p50 "
-        f"{r['added_ttfb_p50_ms']:+.2f} p99 {r['added_ttfb_p99_ms']:+.2f} ms"
+    label = f"W2 {r['mode']:<6} {r['streams']} streams x 256 tok @290 tok/s: TTFB"
+    print(f"{label} {_versus(r, _ttfb_text, 'added_ttfb')}")
+
+
+def _versus(r: dict[str, Any], text: Callable[[dict[str, float]], str], added: str) -> str:
+    """Direct's figures and the edge's, each as `text` prints them, then what the edge added:
+    `r[f"{added}_p50_ms"]` and the same at p99. One shape for the W1 and the W2 lines."""
+    return (
+        f"direct {text(r['direct'])} | edge {text(r['edge'])} | added p50 "
+        f"{r[f'{added}_p50_ms']:+.2f} ms p99 {r[f'{added}_p99_ms']:+.2f} ms"
     )
+
+
+def _ttfb_text(figures: dict[str, float]) -> str:
+    return f"p50 {figures['ttfb_p50_ms']:.2f} p99 {figures['ttfb_p99_ms']:.2f} ms"
 
 
 if __name__ == "__main__":
