@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from pathlib import Path
 
@@ -86,7 +85,6 @@ async def serve(
     others and propagates (systemd restarts the service).
     """
     notifier = notifier or Notifier(None)
-    stop = stop or asyncio.Event()
     remote = f"{settings.ssh_host}:{settings.ssh_port}"
 
     def on_change(status: AgentStatus) -> None:
@@ -102,19 +100,15 @@ async def serve(
     )
     tunnel = Tunnel(settings, board)
     model_server = ModelServer(settings, board)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, tunnel.reconnect_now)
-    log.info(
-        "agent.starting",
-        vps=remote,
-        remote_bind=settings.remote_bind,
-        model_server=settings.upstream,
-    )
-    board.update()
-    runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail
-    try:
+    with runtime.stop_on_signals(stop, on_sighup=tunnel.reconnect_now) as stop:
+        log.info(
+            "agent.starting",
+            vps=remote,
+            remote_bind=settings.remote_bind,
+            model_server=settings.upstream,
+        )
+        board.update()
+        runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail
         async with asyncio.TaskGroup() as tg:
             tasks = [
                 tg.create_task(tunnel.run_tunnel(), name="tunnel"),
@@ -131,9 +125,6 @@ async def serve(
             log.info("agent.stopping")
             for task in tasks:
                 task.cancel()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
     board.update(connected=False, connected_since=None, next_retry_in=None)
     log.info("agent.stopped")
     return 0

@@ -1,30 +1,20 @@
-"""`backhaul-edge`: parse the command line and hand over to the command's module.
-
-Each command module exposes `register(subparsers)`, which adds its parser and sets `func`, a
-callable taking the parsed arguments and returning the exit status.
-"""
+"""`backhaul-edge`: parse the command line and hand over to the command's module."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from edge import serve
 from edge.ops import keys as keys_cli
 from edge.ops import stats, tail
+from shared import cli
 
 COMMANDS = (serve, stats, tail, keys_cli)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="backhaul-edge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMANDS:
-        module.register(sub)
-    args = parser.parse_args(argv)
-    status: int = args.func(args)
-    return status
+    return cli.main("backhaul-edge", __doc__, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import orjson
 
 from agent.keygen import generate
 from edge.upstreams.sshd import load_or_create_host_key
+from shared import runtime
 
 BIN = Path(sys.executable).parent
 OLLAMA = "http://127.0.0.1:11434"
@@ -213,11 +214,8 @@ async def demo(once: bool, state: Path) -> int:
             f"  tail -F {telemetry}    (and {state}/edge.log, {state}/agent.log)\n"
             f"  .venv/bin/backhaul-edge stats {telemetry}"
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with runtime.stop_on_signals() as stop:
+            await stop.wait()
         say("stopping the agent, the edge and the model server")
     return 0
 

@@ -1,14 +1,18 @@
-"""Process-wide runtime choices both programs make the same way: the event loop and the GC.
+"""Process-wide runtime choices every long-running command makes the same way: the event loop,
+the GC, and how it stops.
 
-uvloop when it is installed (measured faster: docs/performance.md; absent on Windows), and a
-garbage collector kept off the tail latency of a long-running server (`tune_gc`).
+uvloop when it is installed (measured faster: docs/performance.md; absent on Windows), a
+garbage collector kept off the tail latency of a long-running server (`tune_gc`), and SIGTERM
+or SIGINT as the request to stop, SIGHUP as the program's own "look again" (`stop_on_signals`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import Callable, Coroutine
+import signal
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -45,3 +49,32 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(_GC_GEN0_THRESHOLD, 50, 100)
+
+
+@contextlib.contextmanager
+def stop_on_signals(
+    stop: asyncio.Event | None = None, *, on_sighup: Callable[[], object] | None = None
+) -> Iterator[asyncio.Event]:
+    """Inside the block, SIGTERM and SIGINT set the event it yields (`stop`, or a new one) and
+    SIGHUP calls `on_sighup`, if given; call it with the loop running.
+
+    `with stop_on_signals() as stop: ... await stop.wait()`: systemd's stop (SIGTERM), Ctrl-C
+    and the caller's own `stop.set()` all end the wait the same way, and the program shuts down
+    in its own order instead of being interrupted wherever it was.
+
+    Resource handling: the handlers are removed when the block ends, however it ends, so a
+    signal after it gets Python's default (SIGINT: KeyboardInterrupt; SIGTERM: exit).
+    """
+    stop = asyncio.Event() if stop is None else stop
+    loop = asyncio.get_running_loop()
+    handled = [signal.SIGTERM, signal.SIGINT]
+    for sig in handled:
+        loop.add_signal_handler(sig, stop.set)
+    if on_sighup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        handled.append(signal.SIGHUP)
+    try:
+        yield stop
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)

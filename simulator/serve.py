@@ -10,8 +10,6 @@ uses are re-exported here, so `simulator.serve` is the only import a caller need
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -148,26 +146,22 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"backhaul-agent simulate: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=runtime.loop_factory()) as runner:
-        try:
-            runner.run(_serve(settings, args.host, args.port))
-        except OSError as exc:
-            log.error("simulator.bind_failed", host=args.host, port=args.port, error=str(exc))
-            return 1
+    try:
+        runtime.run(_serve(settings, args.host, args.port))
+    except OSError as exc:
+        log.error("simulator.bind_failed", host=args.host, port=args.port, error=str(exc))
+        return 1
     return 0
 
 
 async def _serve(settings: SimulatorSettings, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    runner, bound = await start_simulator(settings, host, port)
-    # A stand-in for Ollama (Go): no multi-millisecond GC pauses of its own in the baseline.
-    runtime.tune_gc()
-    try:
-        log.info("simulator.listening", host=host, port=bound, **settings.model_dump())
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    with runtime.stop_on_signals() as stop:
+        runner, bound = await start_simulator(settings, host, port)
+        # A stand-in for Ollama (Go): no multi-millisecond GC pauses of its own in the baseline.
+        runtime.tune_gc()
+        try:
+            log.info("simulator.listening", host=host, port=bound, **settings.model_dump())
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     log.info("simulator.stopped")
