@@ -124,7 +124,6 @@ class Guard:
                 self._unknown_logged = now
                 log.error(
                     "auth.unknown_client",
-                    request_id=ex.id,
                     hint="a trusted proxy sent a request without a usable X-Forwarded-For: "
                     "set it as docs/deploy.md shows (nginx: proxy_set_header X-Forwarded-For "
                     "$remote_addr;); these requests are refused 400 until then",
@@ -213,7 +212,6 @@ class Guard:
             reason=reason,
             key=key.name if key else None,
             client=client,
-            request_id=ex.id,
             banned=banned,
         )
         raise Unauthorized(message, headers={"WWW-Authenticate": _INVALID})

@@ -101,9 +101,7 @@ def _checked(ex: Exchange, feature: Feature, content: str) -> Any:
     try:
         value = orjson.loads(content)
     except orjson.JSONDecodeError:
-        log.warning(
-            "feature.invalid_output", feature=feature.name, request_id=ex.id, problem="not JSON"
-        )
+        log.warning("feature.invalid_output", feature=feature.name, problem="not JSON")
         raise InvalidModelOutput("the model's answer is not valid JSON") from None
     error = next(iter(feature.validator.iter_errors(value)), None)
     if error is not None:
@@ -111,7 +109,6 @@ def _checked(ex: Exchange, feature: Feature, content: str) -> Any:
         log.warning(
             "feature.invalid_output",
             feature=feature.name,
-            request_id=ex.id,
             problem="schema",
             at=where,
         )

@@ -203,7 +203,6 @@ def _buffered(
     if status >= 500:
         log.warning(
             "upstream.failed",
-            request_id=ex.id,
             status=status,
             message=_upstream_message(body)[:_LOGGED_MESSAGE_CHARS],
         )

@@ -53,7 +53,8 @@ class Clock:
 
 @contextmanager
 def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    with structlog.testing.capture_logs() as logs:
+    # With the context the edge binds (the request id), as the production log has it.
+    with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
         yield logs
 
 
