@@ -13,6 +13,7 @@ from aiohttp import web
 from edge.upstreams.base import State
 from simulator.serve import running_simulator
 from tests.support.keyfiles import captured_logs
+from tests.support.refusals import assert_overloaded
 from tests.support.servers import edge, free_port, raw_server, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -118,14 +119,7 @@ async def test_gate_full_is_overloaded(tmp_path: Path, http: aiohttp.ClientSessi
     ):
         async with http.post(f"{e.url}/api/generate", json={**GEN, "stream": True}) as first:
             await first.content.readline()  # the one slot is taken
-            async with http.post(
-                f"{e.url}/v1/completions",
-                json={"model": "llama3.2:1b", "prompt": "x"},
-                headers={"X-Request-Id": "full"},
-            ) as r:
-                assert r.status == 503
-                assert r.headers["Retry-After"] == "5"
-                assert (await r.json())["error"]["type"] == "overloaded"
+            await assert_overloaded(http, e, "full")
         assert (await e.record("full"))["type"] == "overloaded"
 
 

@@ -11,6 +11,7 @@ import pytest
 from edge.errors import Overloaded
 from edge.upstreams.gate import Gate, Slot
 from tests.support.keyfiles import bearer, write_keys
+from tests.support.refusals import assert_overloaded
 from tests.support.servers import edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
@@ -262,15 +263,7 @@ async def test_overloaded_through_the_edge_has_retry_after_and_telemetry(
     ):
         async with http.post(f"{e.url}/api/generate", json={**GEN, "stream": True}) as held:
             await held.content.readline()
-            # Queued, then the wait runs out.
-            async with http.post(
-                f"{e.url}/v1/completions",
-                json={"model": "llama3.2:1b", "prompt": "x"},
-                headers={"X-Request-Id": "waited"},
-            ) as r:
-                assert r.status == 503
-                assert r.headers["Retry-After"] == "5"
-                assert (await r.json())["error"]["type"] == "overloaded"
+            await assert_overloaded(http, e, "waited")  # queued, then the wait ran out
         record = await e.record("waited")
         assert record["status"] == 503 and record["type"] == "overloaded"
         assert record["outcome"] == "error" and record["queue_ms"] is None

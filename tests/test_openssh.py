@@ -17,6 +17,7 @@ import pytest
 
 from agent.errors import AuthRefused, ForwardMisconfigured
 from simulator.serve import running_simulator
+from tests.support.refusals import assert_agent_unavailable_at_once
 from tests.support.servers import edge, free_port
 from tests.support.sshd import (
     GEN,
@@ -67,12 +68,7 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
         # Without presence events (sshd mode) the edge learns it from its probe or a refused
         # connect; probe once here rather than wait for the next scheduled one.
         assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "agent_absent"
-        start = time.monotonic()
-        headers = {"X-Request-Id": "gone"}
-        async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
-            assert r.status == 503
-            assert (await r.json())["type"] == "agent_unavailable"
-        assert time.monotonic() - start < 0.5
+        await assert_agent_unavailable_at_once(http, e, "gone")
 
 
 async def _round_trips(port: int, count: int) -> list[float]:

@@ -16,6 +16,7 @@ import pytest
 from edge.upstreams.sshd import CIPHER_ALGS, EmbeddedSSHServer
 from simulator.serve import running_simulator
 from tests.support import flood
+from tests.support.refusals import assert_agent_unavailable_at_once
 from tests.support.servers import free_port
 from tests.support.sshd import (
     GEN,
@@ -156,13 +157,7 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
         # The agent is gone: presence drops with its connection, the next request is 503 now.
         status = e.edge.upstream.monitor.status  # read again: the tunnel has closed
         assert status.agent_present is False
-        start = time.monotonic()
-        headers = {"X-Request-Id": "agent-gone"}
-        async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
-            assert r.status == 503
-            assert (await r.json())["type"] == "agent_unavailable"
-        assert time.monotonic() - start < 0.5
-        assert (await e.record("agent-gone"))["type"] == "agent_unavailable"
+        await assert_agent_unavailable_at_once(http, e, "agent-gone")
 
 
 # Hardening (issue 8): old algorithms, the login timeout, and the caps at accept.

@@ -16,8 +16,9 @@ import orjson
 
 from agent.status import STATUS_FILE, StatusBoard
 from simulator.serve import running_simulator
+from tests.support.refusals import assert_agent_unavailable_at_once
 from tests.support.servers import free_port
-from tests.support.sshd import GEN, authorize_agent, edge_with_sshd, pin
+from tests.support.sshd import authorize_agent, edge_with_sshd, pin
 
 AGENT = str(Path(sys.executable).parent / "backhaul-agent")
 
@@ -158,13 +159,7 @@ async def test_run_under_systemd_ready_reload_sigterm_and_sigkill(tmp_path: Path
                 proc.kill()
                 async with asyncio.timeout(1.0):
                     await server.wait_present(False)
-                start = time.monotonic()
-                headers = {"X-Request-Id": "after-sigkill"}
-                async with http.post(f"{e.url}/api/generate", json=GEN, headers=headers) as r:
-                    assert r.status == 503
-                    assert (await r.json())["type"] == "agent_unavailable"
-                assert time.monotonic() - start < 0.5
-                assert (await e.record("after-sigkill"))["type"] == "agent_unavailable"
+                await assert_agent_unavailable_at_once(http, e, "after-sigkill")
             finally:
                 if proc.returncode is None:
                     proc.kill()
