@@ -12,7 +12,7 @@ from edge.errors import Overloaded
 from edge.upstreams.gate import Gate, Slot
 from tests.support.keyfiles import bearer, write_keys
 from tests.support.refusals import assert_overloaded
-from tests.support.servers import edge, simulator
+from tests.support.servers import Edge, edge, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
@@ -168,6 +168,35 @@ async def test_cancelled_waiter_passes_a_granted_slot_on():
     assert g.inflight == 0 and g.queued == 0
 
 
+async def one_token(
+    http: aiohttp.ClientSession, e: Edge, request_id: str, headers: dict[str, str]
+) -> int:
+    """A generate request for one token, sent with `headers`; its status, once answered whole."""
+    body = {**GEN, "options": {"num_predict": 1}}
+    async with http.post(
+        f"{e.url}/api/generate", json=body, headers={"X-Request-Id": request_id, **headers}
+    ) as r:
+        await r.read()
+        return r.status
+
+
+async def queued_in_turn(
+    group: asyncio.TaskGroup,
+    http: aiohttp.ClientSession,
+    e: Edge,
+    request_ids: list[str],
+    headers: dict[str, str],
+) -> list[asyncio.Task[int]]:
+    """`one_token()` requests in `group`, each sent once the one before it waits at the gate, so
+    that they queue in this order."""
+    gate = e.edge.upstream.gate
+    tasks = []
+    for request_id in request_ids:
+        tasks.append(group.create_task(one_token(http, e, request_id, headers)))
+        await gate.wait_queued(gate.queued + 1)
+    return tasks
+
+
 async def test_anonymous_callers_share_slots_fairly_by_address(
     tmp_path: Path, http: aiohttp.ClientSession
 ):
@@ -176,15 +205,7 @@ async def test_anonymous_callers_share_slots_fairly_by_address(
         simulator(tok_per_s=20, reply_tokens=10_000) as sim,
         edge(sim.url, tmp_path, max_inflight=1, trusted_proxies=["127.0.0.1/32"]) as e,
     ):
-        g = e.edge.upstream.gate
-
-        async def call(request_id: str, address: str) -> int:
-            body = {**GEN, "options": {"num_predict": 1}}
-            headers = {"X-Request-Id": request_id, "X-Forwarded-For": address}
-            async with http.post(f"{e.url}/api/generate", json=body, headers=headers) as r:
-                await r.read()
-                return r.status
-
+        flooder, quiet_one = {"X-Forwarded-For": "203.0.113.1"}, {"X-Forwarded-For": "198.51.100.7"}
         async with asyncio.timeout(20):
             holder = {**GEN, "stream": True}  # 10,000 tokens at 20 tok/s: it holds the slot
             # From a trusted proxy every request names its client (else 400 unknown_client).
@@ -193,12 +214,9 @@ async def test_anonymous_callers_share_slots_fairly_by_address(
                 assert r.status == 200
                 await r.content.readline()
                 async with asyncio.TaskGroup() as group:
-                    calls = []
-                    for i in range(6):
-                        calls.append(group.create_task(call(f"f{i}", "203.0.113.1")))
-                        await g.wait_queued(i + 1)
-                    calls.append(group.create_task(call("q0", "198.51.100.7")))
-                    await g.wait_queued(7)
+                    flooding = [f"f{i}" for i in range(6)]
+                    calls = await queued_in_turn(group, http, e, flooding, flooder)
+                    calls += await queued_in_turn(group, http, e, ["q0"], quiet_one)
                     r.close()  # the holder leaves: its generation stops, its slot frees
         assert [c.result() for c in calls] == [200] * 7
         served = [
@@ -222,32 +240,20 @@ async def test_api_keys_share_the_gate_within_their_own_limits(
         edge(sim.url, tmp_path, auth="keys", max_inflight=2) as e,
     ):
         g = e.edge.upstream.gate
-
-        async def call(request_id: str, key: str) -> int:
-            body = {**GEN, "options": {"num_predict": 1}}
-            headers = {"X-Request-Id": request_id, **bearer(secrets[key])}
-            async with http.post(f"{e.url}/api/generate", json=body, headers=headers) as r:
-                await r.read()
-                return r.status
-
+        flood, other = bearer(secrets["flood"]), bearer(secrets["other"])
         async with asyncio.timeout(20):
             holder = {**GEN, "stream": True}
-            async with http.post(
-                f"{e.url}/api/generate", json=holder, headers=bearer(secrets["flood"])
-            ) as held:
+            async with http.post(f"{e.url}/api/generate", json=holder, headers=flood) as held:
                 await held.content.readline()
                 async with asyncio.TaskGroup() as group:
-                    floods = []
-                    for i in range(3):
-                        floods.append(group.create_task(call(f"f{i}", "flood")))
-                        await g.wait_queued(i + 1)
+                    floods = await queued_in_turn(group, http, e, ["f0", "f1", "f2"], flood)
                     assert g.inflight == 1  # a slot is free, but not for a key at its limit
-                    assert await call("o1", "other") == 200  # it takes the free slot at once
+                    assert await one_token(http, e, "o1", other) == 200  # the free slot, at once
                     assert g.running("key:flood") == 1 and g.queued == 3
                     held.close()  # the holder leaves; flood's waiters run one at a time
         assert [f.result() for f in floods] == [200, 200, 200]
-        other = await e.record("o1")
-        assert other["key"] == "other" and other["queue_ms"] == 0.0
+        record = await e.record("o1")
+        assert record["key"] == "other" and record["queue_ms"] == 0.0
         for i in range(3):
             record = await e.record(f"f{i}")
             assert record["key"] == "flood" and record["queue_ms"] > 0
