@@ -20,7 +20,8 @@ shared.errors.BackhaulError
 `classify()` is the one place asyncssh and OS exceptions are translated, by the TRANSIENT and
 PERMANENT tables below. `asyncssh.ChannelListenError` derives from `Exception`, not from
 `asyncssh.Error`: an `except asyncssh.Error` would miss the most common reconnect failure, so it
-is named in the table.
+is named in the table. `operator_fixes()` says, for each class the operator must act on, what to
+change, in this agent's own terms (its VPS, key file, bind); `classify()` attaches it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import ClassVar
 
 import asyncssh
 
+from agent.settings import AgentSettings
 from shared.errors import BackhaulError, ConfigError
 from shared.protocol import REPLACED_REASON
 
@@ -100,6 +102,39 @@ TRANSIENT: tuple[tuple[type[BaseException], type[TunnelTransient]], ...] = (
 )
 # Every exception `classify` knows, for an `except` around code whose failures it translates.
 TRANSLATED: tuple[type[BaseException], ...] = tuple(source for source, _ in PERMANENT + TRANSIENT)
+
+
+def operator_fixes(s: AgentSettings) -> dict[type[TunnelError], str]:
+    """What the operator should change for each error class that needs them, for `classify`."""
+    vps = f"{s.ssh_host}:{s.ssh_port}"
+    return {
+        HostKeyRejected: (
+            f"the host key of {vps} is not the one pinned in {s.known_hosts}. If the VPS was "
+            "reinstalled or its key changed on purpose, read the new fingerprint on the VPS "
+            "itself (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, or the fingerprint in "
+            "the edge's `sshd.listening` log line) and replace the line; if not, someone may be "
+            "in the middle. Then `systemctl reload backhaul-agent` to retry now."
+        ),
+        AuthRefused: (
+            f"{vps} refused the key {s.key_path} for user {s.ssh_user!r}: add the lines "
+            "printed by `backhaul-agent keygen` to that user's authorized_keys (system sshd) "
+            "or to the edge's agent-keys file (embedded server), check BACKHAUL_AGENT_SSH_USER, "
+            "then `systemctl reload backhaul-agent`."
+        ),
+        ForwardMisconfigured: (
+            f"{vps} would not listen on {s.remote_bind}. System sshd: the key's "
+            f'permitlisten="{s.remote_bind}" and the Match block\'s PermitListen must name '
+            "it, AllowTcpForwarding must be remote or yes, and nothing else on the VPS may "
+            "listen on that port. Embedded server: BACKHAUL_AGENT_REMOTE_BIND must equal the "
+            "edge's BACKHAUL_EDGE_UPSTREAM host:port. A previous agent's half-open session "
+            "also holds the port until sshd reaps it (ClientAliveInterval)."
+        ),
+        Replaced: (
+            "another agent with the same key connected to the VPS and took the tunnel over: "
+            "give every agent its own key (`backhaul-agent keygen`), or stop the other one."
+        ),
+        LocalConfigError: "fix the file named in the error, then reload (SIGHUP).",
+    }
 
 
 def classify(exc: BaseException, fixes: dict[type[TunnelError], str]) -> TunnelError:

@@ -132,15 +132,13 @@ class ModelServer:
             log.info("model_server.up", url=self._url, kind=kind, version=version)
             self._down.clear()
             self._up.set()
-            self._board.update(
-                upstream_up=True, upstream_kind=kind, upstream_version=version, upstream_reason=None
-            )
+            self._board.model_server_up(kind, version)
         return came_up
 
     def _set_down(self, reason: str) -> None:
         if self.up is not False or reason != self.reason:
             log.warning("model_server.down", url=self._url, reason=reason)
-            self._board.update(upstream_up=False, upstream_reason=reason)
+            self._board.model_server_down(reason)
         self.up, self.reason = False, reason
         self.warmed.clear()
         self._up.clear()
@@ -154,7 +152,7 @@ class ModelServer:
             await self._warm(session, model)
         self._warm_due = self._clock() + self._settings.warm_interval
         self.warm_runs += 1
-        self._board.update(warmed=sorted(self.warmed))
+        self._board.models_warmed(self.warmed)
         self._warmed_event.set()
 
     async def _warm(self, session: aiohttp.ClientSession, model: str) -> None:

@@ -107,7 +107,7 @@ async def serve(
             remote_bind=settings.remote_bind,
             model_server=settings.upstream,
         )
-        board.update()
+        board.publish()
         runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail
         async with asyncio.TaskGroup() as tg:
             tasks = [
@@ -125,7 +125,7 @@ async def serve(
             log.info("agent.stopping")
             for task in tasks:
                 task.cancel()
-    board.update(connected=False, connected_since=None, next_retry_in=None)
+    board.stopped()
     log.info("agent.stopped")
     return 0
 

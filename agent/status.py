@@ -1,40 +1,37 @@
-"""What an operator reads about a running agent: `status.json` and `backhaul-agent status`.
+"""What an operator reads about a running agent: `AgentStatus`, kept by the `StatusBoard`.
 
 The agent keeps one `AgentStatus` and, on every change, rewrites `<state_dir>/status.json`
 atomically (write a temporary file, then rename over the old one, so a reader never sees half a
 file) and passes the one-line summary to systemd (`STATUS=`, shown by `systemctl status`).
 A file rather than a status port: nothing on the workstation listens, and the file survives the
 process, so the last disconnect reason is still there after a crash. `backhaul-agent status`
-prints it and exits 0 when the tunnel and the model server are both up, 1 when either is down,
-3 when no running agent wrote it. For graphs and alerts, `agent.metrics` serves the same
+(`agent.status_cmd`) prints it; for graphs and alerts, `agent.metrics` serves the same
 `AgentStatus` as Prometheus series on a loopback port, when `metrics_port` asks for one.
+
+The board changes only through one method per event (`tunnel_up`, `model_server_down`, ...):
+each says which fields that event sets, and a misspelt field is a type error, not a crash at the
+first disconnect. The status fields keep the names scripts read (`upstream_up` is the model
+server's state).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 import structlog
 
-from agent.settings import AgentSettings
+from agent.errors import TunnelError
 from shared.atomic import replace_file
-from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
 STATUS_FILE = "status.json"
-
-# Exit statuses of `backhaul-agent status`, for scripts and monitoring checks.
-EXIT_UP, EXIT_DEGRADED, EXIT_UNKNOWN = 0, 1, 3
 
 
 @dataclass(slots=True)
@@ -85,28 +82,87 @@ class AgentStatus:
 
 
 class StatusBoard:
-    """Owns the `AgentStatus`: updates it, writes the file, tells the listener (systemd)."""
+    """Owns the `AgentStatus`: records each event, writes the file, tells the listener (systemd)."""
 
     def __init__(
         self,
         path: Path | None,
         on_change: Callable[[AgentStatus], object] | None = None,
-        **initial: Any,
+        *,
+        vps: str = "",
+        remote_bind: str = "",
+        upstream: str = "",
+        warm_models: Iterable[str] = (),
     ) -> None:
         now = time.time()
-        self.status = AgentStatus(pid=os.getpid(), started=now, updated=now, **initial)
+        self.status = AgentStatus(
+            pid=os.getpid(),
+            started=now,
+            updated=now,
+            vps=vps,
+            remote_bind=remote_bind,
+            upstream=upstream,
+            warm_models=list(warm_models),
+        )
         self._path = path
         self._on_change = on_change
         self._write_failed = False
 
-    def update(self, **changes: Any) -> None:
-        """Apply `changes`, stamp the time, write the file and notify."""
-        for name, value in changes.items():
-            setattr(self.status, name, value)
+    def publish(self) -> None:
+        """Stamp the time, write the file and notify; every event below ends here."""
         self.status.updated = time.time()
         self._write()
         if self._on_change is not None:
             self._on_change(self.status)
+
+    def tunnel_up(self, connects: int) -> None:
+        """The forward is up, for the `connects`-th time since start."""
+        s = self.status
+        s.connected, s.connected_since = True, time.time()
+        s.connects, s.reconnects = connects, connects - 1
+        s.last_error = s.last_error_kind = s.fix = None
+        s.next_retry_in = None
+        self.publish()
+
+    def tunnel_down(self, reason: str) -> None:
+        """An established connection ended."""
+        s = self.status
+        s.connected, s.connected_since = False, None
+        s.last_disconnect, s.last_disconnect_reason = time.time(), reason
+        self.publish()
+
+    def tunnel_failed(self, err: TunnelError) -> None:
+        """An attempt failed, or a session ended in a way the loop treats as a failure."""
+        s = self.status
+        s.connected = False
+        s.last_error, s.last_error_kind, s.fix = err.message, err.kind, err.fix or None
+        self.publish()
+
+    def retry_in(self, delay: float) -> None:
+        """The next attempt is due in `delay` seconds."""
+        self.status.next_retry_in = round(delay, 3)
+        self.publish()
+
+    def stopped(self) -> None:
+        """The agent is stopping: no connection, and no retry coming."""
+        s = self.status
+        s.connected, s.connected_since, s.next_retry_in = False, None, None
+        self.publish()
+
+    def model_server_up(self, kind: str, version: str | None) -> None:
+        s = self.status
+        s.upstream_up, s.upstream_kind, s.upstream_version = True, kind, version
+        s.upstream_reason = None
+        self.publish()
+
+    def model_server_down(self, reason: str) -> None:
+        self.status.upstream_up, self.status.upstream_reason = False, reason
+        self.publish()
+
+    def models_warmed(self, models: Iterable[str]) -> None:
+        """A warm-up round ended with `models` loaded."""
+        self.status.warmed = sorted(models)
+        self.publish()
 
     def _write(self) -> None:
         # Synchronous on purpose: a few hundred bytes on a state change, rare, and a rename is
@@ -132,81 +188,3 @@ def read_status(path: Path) -> AgentStatus | None:
         return None
     names = {f.name for f in dataclasses.fields(AgentStatus)}
     return AgentStatus(**{k: v for k, v in data.items() if k in names})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user (DynamicUser)
-        return True
-    return True
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "status",
-        help="show the running agent's tunnel and model-server state",
-        description="Read <state_dir>/status.json. Exit 0 if the tunnel and the model server "
-        "are up, 1 if either is down, 3 if no running agent wrote it.",
-    )
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    parser.add_argument("--state-dir", type=Path, help="the agent's state directory")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    state_dir: Path | None = args.state_dir
-    if state_dir is None:  # --state-dir skips reading the settings
-        try:
-            state_dir = AgentSettings.load(args.config).state_dir
-        except ConfigError as exc:
-            print(f"backhaul-agent status: {exc}", file=sys.stderr)
-            return 2
-    path = state_dir / STATUS_FILE
-    status = read_status(path)
-    if status is None:
-        print(f"no agent status at {path} (is the agent running with this state directory?)")
-        return EXIT_UNKNOWN
-    running = _alive(status.pid)
-    if args.json:
-        sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        print(_render(status, running))
-    if not running:
-        return EXIT_UNKNOWN
-    return EXIT_UP if status.connected and status.upstream_up else EXIT_DEGRADED
-
-
-def _ago(then: float | None, now: float) -> str:
-    return "never" if then is None else f"{now - then:.0f}s ago"
-
-
-def _render(s: AgentStatus, running: bool) -> str:
-    now = time.time()
-    lines = [
-        f"agent        pid {s.pid} {'running' if running else 'NOT RUNNING (last state below)'}, "
-        f"updated {_ago(s.updated, now)}",
-        f"tunnel       {'UP' if s.connected else 'DOWN'} to {s.vps}, listening on {s.remote_bind}"
-        + (f" since {_ago(s.connected_since, now)}" if s.connected else ""),
-        f"reconnects   {s.reconnects} (connects {s.connects})",
-        f"last drop    {_ago(s.last_disconnect, now)}"
-        + (f": {s.last_disconnect_reason}" if s.last_disconnect_reason else ""),
-    ]
-    if s.last_error and not s.connected:
-        lines.append(f"last error   {s.last_error_kind}: {s.last_error}")
-        if s.next_retry_in is not None:
-            lines.append(f"next retry   in {max(0.0, s.next_retry_in - (now - s.updated)):.1f}s")
-    if s.fix and not s.connected:
-        lines.append(f"fix          {s.fix}")
-    state = {None: "not probed yet", True: "UP", False: "DOWN"}[s.upstream_up]
-    detail = s.upstream_reason if s.upstream_up is False else s.upstream_version
-    kind = f" {s.upstream_kind}" if s.upstream_kind else ""
-    lines.append(f"model server {state} at {s.upstream}{kind}" + (f" ({detail})" if detail else ""))
-    if s.warm_models:
-        lines.append(
-            f"warm models  {', '.join(s.warmed) or 'none yet'} of {', '.join(s.warm_models)}"
-        )
-    return "\n".join(lines)

@@ -51,16 +51,14 @@ from agent import ssh
 from agent.backoff import Backoff
 from agent.errors import (
     TRANSLATED,
-    AuthRefused,
     ConnectionDropped,
     ForwardMisconfigured,
     ForwardRefused,
-    HostKeyRejected,
-    LocalConfigError,
     Replaced,
     TunnelError,
     classify,
     describe,
+    operator_fixes,
 )
 from agent.settings import AgentSettings
 from agent.status import StatusBoard
@@ -121,7 +119,7 @@ class Tunnel:
         self.failures: Counter[str] = Counter()  # failure class name -> count, for status/tests
         self.last_down_reason: str | None = None
         self.cipher: str | None = None  # negotiated on the last connection (agent.ssh.CIPHERS)
-        self._fixes = _fixes(settings)
+        self._fixes = operator_fixes(settings)
 
     @property
     def is_up(self) -> bool:
@@ -156,7 +154,7 @@ class Tunnel:
                 delay = self.backoff.next_delay()
             if self._kick.is_set():
                 delay = 0.0
-            self._board.update(next_retry_in=round(delay, 3))
+            self._board.retry_in(delay)
             log.info("tunnel.retry_scheduled", delay_s=round(delay, 3), attempt=self.attempts + 1)
             await self._pause(delay)
 
@@ -261,16 +259,7 @@ class Tunnel:
             cipher=self.cipher,
             reconnects=self.connects - 1,
         )
-        self._board.update(
-            connected=True,
-            connected_since=time.time(),
-            connects=self.connects,
-            reconnects=self.connects - 1,
-            last_error=None,
-            last_error_kind=None,
-            fix=None,
-            next_retry_in=None,
-        )
+        self._board.tunnel_up(self.connects)
 
     def _mark_down(self, reason: str) -> None:
         uptime = self._clock() - self._up_since
@@ -278,12 +267,7 @@ class Tunnel:
         self._up.clear()
         self._down.set()
         log.warning("tunnel.down", cause=reason, uptime_s=round(uptime, 3))
-        self._board.update(
-            connected=False,
-            connected_since=None,
-            last_disconnect=time.time(),
-            last_disconnect_reason=reason,
-        )
+        self._board.tunnel_down(reason)
 
     def _after_failure(self, err: TunnelError) -> float:
         self.last_error = err
@@ -298,12 +282,7 @@ class Tunnel:
         else:
             log.warning("tunnel.failed", kind=err.kind, error=err.message)
             delay = self.backoff.next_delay()
-        self._board.update(
-            connected=False,
-            last_error=err.message,
-            last_error_kind=err.kind,
-            fix=err.fix or None,
-        )
+        self._board.tunnel_failed(err)
         return delay
 
     async def _sleep_for(self, delay: float) -> None:
@@ -321,35 +300,3 @@ class Tunnel:
             sleeper.cancel()
             kicked.cancel()
         self._kick.clear()
-
-
-def _fixes(s: AgentSettings) -> dict[type[TunnelError], str]:
-    vps = f"{s.ssh_host}:{s.ssh_port}"
-    return {
-        HostKeyRejected: (
-            f"the host key of {vps} is not the one pinned in {s.known_hosts}. If the VPS was "
-            "reinstalled or its key changed on purpose, read the new fingerprint on the VPS "
-            "itself (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`, or the fingerprint in "
-            "the edge's `sshd.listening` log line) and replace the line; if not, someone may be "
-            "in the middle. Then `systemctl reload backhaul-agent` to retry now."
-        ),
-        AuthRefused: (
-            f"{vps} refused the key {s.key_path} for user {s.ssh_user!r}: add the lines "
-            "printed by `backhaul-agent keygen` to that user's authorized_keys (system sshd) "
-            "or to the edge's agent-keys file (embedded server), check BACKHAUL_AGENT_SSH_USER, "
-            "then `systemctl reload backhaul-agent`."
-        ),
-        ForwardMisconfigured: (
-            f"{vps} would not listen on {s.remote_bind}. System sshd: the key's "
-            f'permitlisten="{s.remote_bind}" and the Match block\'s PermitListen must name '
-            "it, AllowTcpForwarding must be remote or yes, and nothing else on the VPS may "
-            "listen on that port. Embedded server: BACKHAUL_AGENT_REMOTE_BIND must equal the "
-            "edge's BACKHAUL_EDGE_UPSTREAM host:port. A previous agent's half-open session "
-            "also holds the port until sshd reaps it (ClientAliveInterval)."
-        ),
-        Replaced: (
-            "another agent with the same key connected to the VPS and took the tunnel over: "
-            "give every agent its own key (`backhaul-agent keygen`), or stop the other one."
-        ),
-        LocalConfigError: "fix the file named in the error, then reload (SIGHUP).",
-    }

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.errors import ConnectFailed
 from agent.metrics import metrics_server
 from agent.status import StatusBoard
 from tests.support.servers import free_port
@@ -39,7 +40,8 @@ async def test_status_before_any_connection(tmp_path: Path):
         # Not probed yet: no upstream sample rather than a false "down".
         assert not any(name == "backhaul_agent_upstream_up" for name, _ in m)
         assert m[("backhaul_agent_model_warm", frozenset({("model", "llama3.2:1b")}))] == 0
-        board.update(last_error="connection refused", last_error_kind="transient", upstream_up=True)
+        board.tunnel_failed(ConnectFailed("connection refused"))
+        board.model_server_up("ollama", "0.12.3")
         m = await scrape(port)
         error = frozenset({("kind", "transient"), ("error", "connection refused")})
         assert m[("backhaul_agent_error_info", error)] == 1

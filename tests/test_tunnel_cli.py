@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from agent.errors import HostKeyRejected
 from agent.status import STATUS_FILE, StatusBoard
 from simulator.serve import running_simulator
 from tests.support.refusals import assert_agent_unavailable_at_once
@@ -49,22 +50,19 @@ def test_status_exit_codes_follow_the_state(tmp_path: Path):
 
     assert status().returncode == 3  # no agent wrote anything here
     board = StatusBoard(tmp_path / STATUS_FILE, vps="vps:22", remote_bind="127.0.0.1:11434")
-    board.update(connected=True, upstream_up=True, upstream_kind="ollama", reconnects=2)
+    board.model_server_up("ollama", "0.12.3")
+    board.tunnel_up(connects=3)
     result = status()
     assert result.returncode == 0
     assert "tunnel       UP to vps:22" in result.stdout
     assert "reconnects   2" in result.stdout
-    board.update(
-        connected=False,
-        last_error="Host key is not trusted",
-        last_error_kind="permanent",
-        fix="update known_hosts",
-        last_disconnect_reason="Connection lost",
-    )
+    board.tunnel_down("Connection lost")
+    board.tunnel_failed(HostKeyRejected("Host key is not trusted", "update known_hosts"))
     result = status()
     assert result.returncode == 1
     assert "fix          update known_hosts" in result.stdout
-    board.update(pid=2**22 + 1)  # beyond pid_max's default: not running
+    board.status.pid = 2**22 + 1  # beyond pid_max's default: not running
+    board.publish()
     assert status().returncode == 3
 
 
