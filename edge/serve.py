@@ -14,7 +14,8 @@ import structlog
 
 from edge.app import create_app
 from edge.http.protocol import EdgeRunner
-from edge.policy.admission import GuardedSite, raise_fd_limit
+from edge.policy.admission import raise_fd_limit
+from edge.policy.listeners import GuardedSite
 from edge.services import Edge, open_edge
 from edge.settings import EdgeSettings
 from shared import runtime

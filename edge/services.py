@@ -20,9 +20,10 @@ frozen upstream state or an unsaved ban list.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -30,11 +31,12 @@ from aiohttp import web
 
 from edge.metrics import EdgeMetrics
 from edge.models import ModelPolicy
-from edge.policy.admission import Listeners, ListenersCollector, http_admission
+from edge.policy.admission import http_admission
 from edge.policy.bans import BanList
 from edge.policy.clients import ClientAddress
 from edge.policy.guard import Guard
 from edge.policy.keys import KeyStore
+from edge.policy.listeners import Listeners, ListenersCollector
 from edge.proxy.body_limits import BodyLimits
 from edge.proxy.body_policy import BodyPolicy
 from edge.proxy.features import Feature, build_features
@@ -159,23 +161,26 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
             raise
 
 
-def _loops(edge: Edge) -> list[tuple[str, Coroutine[Any, Any, None]]]:
-    """Every background loop of the edge, by name."""
-    loops: list[tuple[str, Coroutine[Any, Any, None]]] = [
-        ("probe", edge.upstream.monitor.run(edge.sessions.pooled)),
-        ("bans-saver", edge.guard.bans.run_saver()),
-        ("suppressed-reporter", edge.guard.anonymous.run_reporter()),
+Loop = Callable[[], Coroutine[Any, Any, None]]
+
+
+def _loops(edge: Edge) -> list[tuple[str, Loop]]:
+    """Every background loop of the edge, by name; each started only when its task runs."""
+    loops: list[tuple[str, Loop]] = [
+        ("probe", partial(edge.upstream.monitor.run, edge.sessions.pooled)),
+        ("bans-saver", edge.guard.bans.run_saver),
+        ("suppressed-reporter", edge.guard.anonymous.run_reporter),
     ]
     keys = edge.guard.keys
     if keys is not None:
-        loops.append(("keys-watcher", keys.watch(edge.settings.keys_reload_interval)))
+        loops.append(("keys-watcher", partial(keys.watch, edge.settings.keys_reload_interval)))
     return loops
 
 
-async def _supervised(name: str, loop: Coroutine[Any, Any, None]) -> None:
+async def _supervised(name: str, loop: Loop) -> None:
     """Run one loop; its failure is logged with the traceback and stops the edge."""
     try:
-        await loop
+        await loop()
     except Exception:
         log.exception("edge.loop_failed", loop=name)
         raise

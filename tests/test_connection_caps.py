@@ -20,13 +20,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app import create_app
-from edge.policy.admission import (
-    Admission,
-    GuardedSite,
-    HandshakeRate,
-    MaxStartups,
-    derived_total,
-)
+from edge.policy.admission import Admission, HandshakeRate, MaxStartups, derived_total
+from edge.policy.listeners import GuardedSite
 from edge.services import Edge, open_edge
 from edge.settings import EdgeSettings
 from tests.support.flood import ATTACKER, close_all, connect, http_status, refused

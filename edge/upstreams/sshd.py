@@ -26,17 +26,15 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 import structlog
-from asyncssh.forward import SSHLocalPortForwarder
-from asyncssh.listener import create_tcp_local_listener
 
-from edge.policy.admission import Admission, Ticket, guarded, ssh_admission
+from edge.policy.admission import Admission, Ticket, ssh_admission
+from edge.policy.listeners import guarded
 from edge.settings import EdgeSettings
+from edge.upstreams.forward import AgentConnection, listen
 from shared.errors import ConfigError
 from shared.protocol import REPLACED_REASON
 from shared.settings import url_address
@@ -73,61 +71,6 @@ KEX_ALGS = tuple(alg for alg in _KEX_PREFERRED if alg.encode() in asyncssh.kex.g
 _BACKLOG = 1024
 # Seconds to wait for a replaced connection to release the port before refusing the new bind.
 _REPLACE_TIMEOUT_S = 2.0
-
-
-@dataclass(eq=False)
-class AgentConnection:
-    """One authenticated agent connection and what it holds."""
-
-    conn: asyncssh.SSHServerConnection
-    fingerprint: str = ""
-    peer: str = ""
-    bound: bool = False
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    listener: asyncssh.SSHListener | None = None
-    forwarders: set[_Forwarder] = field(default_factory=set)
-
-    def release(self) -> None:
-        """The connection ended: close its listener and every socket accepted on it."""
-        if self.listener is not None:
-            self.listener.close()
-        for forwarder in list(self.forwarders):
-            forwarder.close()
-
-
-class _Forwarder(SSHLocalPortForwarder):
-    """asyncssh's forwarder for one accepted connection, which also closes that socket when its
-    channel cannot open for any reason, not only `ChannelOpenError`.
-
-    asyncssh's own closes it only on `ChannelOpenError`: when the agent's connection dies (a
-    SIGKILL, a cut path) while a channel is opening, the task ends another way or never, and
-    the accepted socket stayed open until garbage collection. Each is kept in its agent's
-    `forwarders` until closed, so the agent's end closes them all.
-    """
-
-    def __init__(
-        self,
-        conn: asyncssh.SSHServerConnection,
-        coro: Callable[..., Awaitable[Any]],
-        live: set[_Forwarder],
-    ) -> None:
-        super().__init__(conn, coro)
-        self._live = live
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._live.add(self)
-        super().connection_made(transport)
-
-    def close(self) -> None:
-        self._live.discard(self)
-        super().close()
-
-    async def _forward(self, *args: object) -> None:
-        try:
-            await super()._forward(*args)
-        except BaseException:
-            self.close()
-            raise
 
 
 def upstream_bind(upstream: str) -> tuple[str, int]:
@@ -309,7 +252,7 @@ class EmbeddedSSHServer:
         if agent.bound or agent.closed.is_set():
             return False
         try:
-            listener = await _listen(agent, host, port)
+            listener = await listen(agent, host, port)
         except OSError as exc:
             log.error("sshd.bind_failed", listen=f"{host}:{port}", error=str(exc))
             return False
@@ -338,24 +281,6 @@ class EmbeddedSSHServer:
             self.holder = None
             self._report(False)
         agent.closed.set()
-
-
-async def _listen(agent: AgentConnection, host: str, port: int) -> asyncssh.SSHListener:
-    """What `conn.forward_local_port(host, port, host, port)` does, with `_Forwarder`s.
-
-    Error handling: raises `OSError` when the port cannot be bound.
-    """
-    conn = agent.conn
-
-    async def tunnel(session_factory: Any, orig_host: str, orig_port: int) -> Any:
-        return await conn.create_connection(session_factory, host, port, orig_host, orig_port)
-
-    loop = asyncio.get_running_loop()
-    listener = await create_tcp_local_listener(
-        conn, loop, lambda: _Forwarder(conn, tunnel, agent.forwarders), host, port
-    )
-    agent.listener = listener
-    return listener
 
 
 class _AgentServer(asyncssh.SSHServer):
