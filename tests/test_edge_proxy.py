@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from tests.support.cors import assert_preflight
 from tests.support.servers import edge, serving, simulator
 
 GEN: dict[str, Any] = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
@@ -193,20 +194,7 @@ async def test_upstream_gets_loopback_host_and_no_origin(
 async def test_cors_preflight_and_exposed_headers(tmp_path: Path, http: aiohttp.ClientSession):
     origin = "https://site.example"
     async with simulator() as sim, edge(sim.url, tmp_path, cors_origins=[origin]) as e:
-        preflight = {
-            "Origin": origin,
-            "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type",
-        }
-        async with http.options(f"{e.url}/api/generate", headers=preflight) as r:
-            assert r.status == 204
-            assert r.headers["Access-Control-Allow-Origin"] == origin
-            assert "POST" in r.headers["Access-Control-Allow-Methods"]
-            assert "Content-Type" in r.headers["Access-Control-Allow-Headers"]
-        evil = {**preflight, "Origin": "https://evil.example"}
-        async with http.options(f"{e.url}/api/generate", headers=evil) as r:
-            assert r.status == 403
-            assert "Access-Control-Allow-Origin" not in r.headers
+        await assert_preflight(http, f"{e.url}/api/generate", origin)
         async with http.post(f"{e.url}/api/generate", json=GEN, headers={"Origin": origin}) as r:
             assert r.status == 200
             exposed = r.headers["Access-Control-Expose-Headers"]
