@@ -23,10 +23,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from simulator.serve import running_simulator
 from tests.support import flood, processes
+from tests.support.metrics import scrape, total
 from tests.support.processes import notify_socket
 from tests.support.servers import free_port
 from tests.support.sshd import GEN, agent_settings, authorize_agent, running_tunnel
@@ -63,15 +63,9 @@ def edge_process(tmp_path: Path, bind: int, hard: int) -> Iterator[tuple[int, in
 
 async def refusals(http: aiohttp.ClientSession, port: int) -> dict[str, float]:
     """listener -> connections the edge refused at accept, from its /metrics."""
-    async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
-    counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "backhaul_connections_refused_total":
-                listener = sample.labels["listener"]
-                counts[listener] = counts.get(listener, 0.0) + sample.value
-    return counts
+    samples = await scrape(http, f"http://127.0.0.1:{port}")
+    refused = "backhaul_connections_refused_total"
+    return {listener: total(samples, refused, listener=listener) for listener in ("http", "ssh")}
 
 
 async def test_a_normal_client_is_served_while_one_address_floods_both_ports(tmp_path: Path):

@@ -18,34 +18,12 @@ from edge.record import RequestRecord
 from edge.settings import EdgeSettings
 from shared.errors import ConfigError
 from tests.support.keyfiles import captured_logs
+from tests.support.metrics import scrape, value
 from tests.support.servers import edge, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 GEN = {"model": "llama3.2:1b", "prompt": "why is the sky blue", "stream": False}
 TOKEN = "metrics-token-0123456789abcdef0123"  # the 32 characters at least the edge takes
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(http: aiohttp.ClientSession, url: str, **headers: str) -> Samples:
-    async with http.get(f"{url}/metrics", headers=headers) as r:
-        assert r.status == 200, await r.text()
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = await r.text()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """Sum over every series of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 async def test_counters_match_the_requests_made(tmp_path: Path, http: aiohttp.ClientSession):
