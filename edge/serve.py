@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,36 +85,30 @@ async def _serve(edge: Edge, nofile: int, started: asyncio.Event | None) -> None
     notifier = Notifier.from_env(SystemdEnv())
     await runner.setup()
     runtime.tune_gc()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     try:
         http = edge.listeners.http
         site = GuardedSite(runner, settings.host, settings.port, http)
         await site.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _on_sighup, edge)
-        log.info(
-            "edge.listening",
-            address=site.name,
-            upstream=settings.upstream,
-            fd_limit=nofile,
-            max_connections=http.total,
-            max_connections_per_address=http.per_address,
-        )
-        # systemd (Type=notify): ready once the listener is up; the watchdog is fed from this
-        # loop, so a wedged loop gets the edge restarted, not only a dead process.
-        notifier.ready(f"serving on {site.name}")
-        if started is not None:
-            started.set()
-        async with asyncio.TaskGroup() as group:
-            watchdog = group.create_task(notifier.run_watchdog(), name="watchdog")
-            await stop.wait()
-            watchdog.cancel()
+        with runtime.stop_on_signals(on_sighup=partial(_on_sighup, edge)) as stop:
+            log.info(
+                "edge.listening",
+                address=site.name,
+                upstream=settings.upstream,
+                fd_limit=nofile,
+                max_connections=http.total,
+                max_connections_per_address=http.per_address,
+            )
+            # systemd (Type=notify): ready once the listener is up; the watchdog is fed from
+            # this loop, so a wedged loop gets the edge restarted, not only a dead process.
+            notifier.ready(f"serving on {site.name}")
+            if started is not None:
+                started.set()
+            async with asyncio.TaskGroup() as group:
+                watchdog = group.create_task(notifier.run_watchdog(), name="watchdog")
+                await stop.wait()
+                watchdog.cancel()
         log.info("edge.stopping")
         notifier.stopping()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
         await runner.cleanup()
         notifier.close()
