@@ -1,7 +1,8 @@
 """The agent's settings (`BACKHAUL_AGENT_...`, `/etc/backhaul/agent.toml`); see DESIGN.md §6.
 
 Relative paths are relative to the working directory; the systemd unit runs the agent in its
-state directory (`/var/lib/backhaul-agent`) and hands it the private key as a credential.
+state directory (`/var/lib/backhaul-agent`, also `state_dir`'s default, so `backhaul-agent
+status` finds the file with no settings) and hands it the private key as a credential.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class AgentSettings(BackhaulSettings):
     warm_keep_alive: str = "30m"
     warm_interval: float = Field(240.0, ge=0)
 
-    # Where `status.json` lives (what `backhaul-agent status` reads).
-    state_dir: Path = Path(".")
+    # Where `status.json` lives (what `backhaul-agent status` reads): the systemd unit's
+    # StateDirectory, never the working directory.
+    state_dir: Path = Path("/var/lib/backhaul-agent")
     # Prometheus `/metrics` on 127.0.0.1 at this port (agent.metrics); 0 = off, the default:
     # nothing on the workstation listens unless asked to.
     metrics_port: int = Field(0, ge=0, le=65535)

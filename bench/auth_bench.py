@@ -66,7 +66,7 @@ def in_process(calls: int = 100_000) -> dict[str, Any]:
         write_keys_file(path, KeysFile(keys=[key]))
         store = KeyStore(path)
         store.load()
-    settings = EdgeSettings(auth="keys", keys_path=path, bans_path=None)
+    settings = EdgeSettings(auth="keys", keys_path=path, bans_path=None, telemetry_path=None)
     guard = Guard(settings, store, BanList(None))
     request = make_mocked_request(
         "POST", "/api/generate", headers={"Authorization": f"Bearer {secret}"}

@@ -76,6 +76,7 @@ def stack(tmp: Path) -> Iterator[Stack]:
         "ssh_port": str(ssh_port),
         "ssh_host_key": str(tmp / "edge_host_key"),
         "agent_keys": str(tmp / "agent_keys"),
+        "state_dir": str(tmp),
         "telemetry_path": str(tmp / "telemetry.jsonl"),
         "keys_path": str(tmp / "keys.json"),
         "bans_path": str(tmp / "bans.json"),

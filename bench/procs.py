@@ -85,11 +85,18 @@ def simulator(tok_per_s: float = 0, parallel: int = 64, ttft: float | None = Non
 def edge(
     upstream: str, telemetry: Path, env: dict[str, str] | None = None, /, **settings: str
 ) -> Iterator[str]:
-    """`backhaul-edge serve` with `settings` as BACKHAUL_EDGE_* and `env` (PYTHONPATH, say)."""
+    """`backhaul-edge serve` with `settings` as BACKHAUL_EDGE_* and `env` (PYTHONPATH, say).
+
+    Its other files (keys.json, bans.json, a host key) are in a directory of its own beside
+    `telemetry`, unless `settings` name them: never in the working directory, the checkout.
+    """
     port = free_port()
+    state = telemetry.with_name(f"{telemetry.stem}-state")
+    state.mkdir(exist_ok=True)
     env = {
         "BACKHAUL_EDGE_PORT": str(port),
         "BACKHAUL_EDGE_UPSTREAM": upstream,
+        "BACKHAUL_EDGE_STATE_DIR": str(state),
         "BACKHAUL_EDGE_TELEMETRY_PATH": str(telemetry),
         "BACKHAUL_EDGE_LOG_FORMAT": "json",
         # Open unless a benchmark passes auth="keys" (bench/auth_bench.py measures what it costs).

@@ -147,6 +147,8 @@ def stack(tmp: Path, upstream: str, baseline: bool) -> Iterator[dict[str, str]]:
 
     def edge_env(port: int, bind: int, **extra: str) -> dict[str, str]:
         values = {**EDGE_ENV, "port": str(port), "upstream": f"http://127.0.0.1:{bind}", **extra}
+        (tmp / f"edge-{port}").mkdir()
+        values["state_dir"] = str(tmp / f"edge-{port}")  # what is not named below, if anything
         values["telemetry_path"] = str(tmp / f"telemetry-{port}.jsonl")
         values["keys_path"] = str(tmp / f"keys-{port}.json")
         values["bans_path"] = str(tmp / f"bans-{port}.json")

@@ -151,7 +151,17 @@ def bounds_text(info: FieldInfo) -> str:
     return ", ".join(parts)
 
 
+class _Named(dict[str, Any]):
+    """What a default made from other settings sees: each setting's name in brackets, so
+    `state_dir / "keys.json"` reads `<state_dir>/keys.json`."""
+
+    def __missing__(self, key: str) -> Path:
+        return Path(f"<{key}>")
+
+
 def default_text(info: FieldInfo) -> str:
+    if info.default_factory is not None and info.default_factory_takes_validated_data:
+        return f"`{info.default_factory(_Named())}`"
     if info.default is PydanticUndefined:
         return "required"
     value = info.default
@@ -269,8 +279,10 @@ Each setting can be given four ways; the first one found wins:
 4. the default.
 
 Unknown keys are an error, not ignored: a typo stops the program at start with the name of the
-setting it did not know. Relative paths are relative to the working directory (the systemd
-units run each program in its state directory).
+setting it did not know. The files a program keeps default to its `state_dir`, the systemd
+unit's state directory (`/var/lib/backhaul-edge`, `/var/lib/backhaul-agent`); run by hand, give
+it one you can write (`BACKHAUL_EDGE_STATE_DIR=var/edge`). A relative path is relative to the
+working directory.
 """
 
 

@@ -17,6 +17,15 @@ from shared.settings import BackhaulSettings
 _MIN_METRICS_TOKEN_CHARS = 32
 
 
+def _in_state_dir(name: str) -> Any:
+    """The default of a file the edge keeps: `name` in the `state_dir` it was given."""
+
+    def default(data: dict[str, Any]) -> Path:
+        return Path(data["state_dir"]) / name
+
+    return Field(default_factory=default)
+
+
 class FeatureSettings(BaseModel):
     """One feature endpoint, `POST /features/{name}` (docs/features.md): the browser sends only
     `{"input": ...}`; the model, prompt and options are pinned here."""
@@ -79,8 +88,11 @@ class EdgeSettings(BackhaulSettings):
     port: int = Field(8080, ge=0, le=65535)
     # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind.
     upstream: str = "http://127.0.0.1:11434"
+    # Where the edge keeps its files (the systemd unit's StateDirectory): each path below that is
+    # not set is a file in it, never in the working directory.
+    state_dir: Path = Path("/var/lib/backhaul-edge")
     # The JSONL telemetry log, one line per request (docs/operations.md); unset = none.
-    telemetry_path: Path | None = Path("telemetry.jsonl")
+    telemetry_path: Path | None = _in_state_dir("telemetry.jsonl")
     # Rotate the JSONL file when it passes this size (100 MiB keeps `tail -F` and `jq` quick);
     # 0 = never (logrotate with SIGHUP instead).
     telemetry_max_bytes: int = Field(100 * 1024 * 1024, ge=0)
@@ -90,13 +102,13 @@ class EdgeSettings(BackhaulSettings):
     # key from `keys_path` (made by `backhaul-edge keys add`); `none`: open to anyone who can
     # reach the port (the demo, tests).
     auth: Literal["none", "keys"] = "keys"
-    keys_path: Path = Path("keys.json")
+    keys_path: Path = _in_state_dir("keys.json")
     # Seconds between two looks at the keys file for changes (SIGHUP looks at once).
     keys_reload_interval: float = Field(1.0, gt=0)
     # Built-in fail2ban: `ban_threshold` failed authentications from one address within
     # `ban_window` seconds ban it for `ban_period` seconds; bans are kept in `bans_path` across
     # restarts (unset: in memory only).
-    bans_path: Path | None = Path("bans.json")
+    bans_path: Path | None = _in_state_dir("bans.json")
     ban_threshold: int = Field(10, ge=1)
     ban_window: float = Field(600.0, gt=0)
     ban_period: float = Field(3600.0, gt=0)
@@ -188,8 +200,8 @@ class EdgeSettings(BackhaulSettings):
     # Embedded SSH server for the agent (DESIGN.md §2); 0 = off (system sshd mode).
     ssh_host: str = "127.0.0.1"
     ssh_port: int = Field(0, ge=0, le=65535)
-    ssh_host_key: Path = Path("ssh_host_ed25519_key")
-    agent_keys: Path = Path("agent_keys")
+    ssh_host_key: Path = _in_state_dir("ssh_host_ed25519_key")
+    agent_keys: Path = _in_state_dir("agent_keys")
     # Server keepalive: a silent agent is dropped after interval x (count_max + 1) seconds.
     ssh_keepalive_interval: float = Field(10.0, gt=0)
     ssh_keepalive_count_max: int = Field(3, ge=1)

@@ -6,7 +6,9 @@ every line is complete and on disk (in the page cache) as soon as it is written,
 who `tail -F` it. The writer rotates the file by size (`telemetry.jsonl` -> `.1` -> `.2` ...) and
 reopens it on `reopen()` (SIGHUP, for logrotate). A failing disk is logged, at most once a
 minute, and counted; serving goes on. The path must be a regular file: anything else (a FIFO
-would block the thread, and shutdown with it) is refused at start, and at each open after.
+would block the thread, and shutdown with it) is refused at start, and at each open after. So is
+a path whose directory does not exist (the default state directory on a machine without the
+systemd unit, say): every line would be lost.
 
 Resource handling: the thread and the file descriptor belong to `TelemetryWriter`; `close()`
 writes what is queued, then stops the thread.
@@ -51,13 +53,23 @@ def _not_regular(path: Path, mode: int) -> str:
 
 
 def check_path(path: Path | None) -> None:
-    """Refuse, at start, a telemetry path that is there and is not a regular file.
+    """Refuse, at start, a telemetry path that is there and is not a regular file, or whose
+    directory is not there.
 
     Error handling: raises `ConfigError`. Later (a FIFO put there while serving, then SIGHUP),
     the writer refuses it at its next open, and logs it like any failing disk.
     """
     if path is None:
         return
+    try:
+        path.parent.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(
+            f"the telemetry path {path} is in a directory that does not exist; create it, or "
+            "set BACKHAUL_EDGE_STATE_DIR (or BACKHAUL_EDGE_TELEMETRY_PATH) to one that does"
+        ) from None
+    except OSError:  # not ours to see: the first write says why
+        pass
     try:
         mode = path.stat().st_mode
     except OSError:  # absent (it is created), or not ours to see: the first write says why

@@ -172,12 +172,10 @@ async def demo(once: bool, state: Path) -> int:
             "BACKHAUL_EDGE_PORT": str(http_port),
             "BACKHAUL_EDGE_UPSTREAM": f"http://127.0.0.1:{tunnel_port}",
             "BACKHAUL_EDGE_SSH_PORT": str(ssh_port),
-            "BACKHAUL_EDGE_SSH_HOST_KEY": str(state / "ssh_host_ed25519_key"),
-            "BACKHAUL_EDGE_AGENT_KEYS": str(state / "agent_keys"),
+            # The host key and agent_keys that prepare_keys wrote; keys.json, bans.json beside.
+            "BACKHAUL_EDGE_STATE_DIR": str(state),
             "BACKHAUL_EDGE_TELEMETRY_PATH": str(telemetry),
             "BACKHAUL_EDGE_AUTH": "none",  # the demo is open; real deployments use keys
-            "BACKHAUL_EDGE_KEYS_PATH": str(state / "keys.json"),
-            "BACKHAUL_EDGE_BANS_PATH": str(state / "bans.json"),
             "BACKHAUL_EDGE_DEMO_PAGE": "true",
         }
         edge_args = [str(BIN / "backhaul-edge"), "serve"]

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from edge.__main__ import main
+from edge.ops import logfiles, stats
 from edge.ops.quantiles import EXACT_LIMIT, RELATIVE_ERROR, QuantileSketch
 from edge.ops.timeparse import parse_since, parse_time
 from edge.record import RequestRecord
+from edge.settings import EdgeSettings
 
 BASE = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
@@ -126,6 +128,8 @@ def test_rotated_and_gzipped_siblings_are_read_oldest_first(tmp_path, capsys):
 
 
 def test_default_path_is_the_edge_default(tmp_path, capsys, monkeypatch):
+    assert EdgeSettings().telemetry_path == logfiles.DEFAULT_PATH  # in the edge's state directory
+    monkeypatch.setattr(stats, "DEFAULT_PATH", Path("telemetry.jsonl"))
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "telemetry.jsonl", line(1))
     write(tmp_path / "telemetry.jsonl.1", line(0))

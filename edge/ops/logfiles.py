@@ -24,7 +24,11 @@ from typing import BinaryIO
 
 from edge.settings import EdgeSettings
 
-DEFAULT_PATH: Path = EdgeSettings.model_fields["telemetry_path"].default
+# The edge's default telemetry path: in its default state directory.
+DEFAULT_PATH: Path = EdgeSettings.model_fields["telemetry_path"].get_default(
+    call_default_factory=True,
+    validated_data={"state_dir": EdgeSettings.model_fields["state_dir"].default},
+)
 GZIP_MAGIC = b"\x1f\x8b"
 # Bytes read per poll and per backwards step: a few hundred records, one syscall.
 CHUNK_BYTES = 64 * 1024
