@@ -103,9 +103,7 @@ async def test_gauges_show_a_held_stream_and_a_queued_request(
             second = asyncio.ensure_future(http.post(f"{e.url}/api/generate", json=GEN))
             try:
                 async with asyncio.timeout(5):
-                    # The gate has no event to wait on: poll, bounded by the timeout.
-                    while gate.queued < 1:  # noqa: ASYNC110
-                        await asyncio.sleep(0.01)
+                    await gate.wait_queued(1)
                 m = await scrape(http, e.url)
                 assert value(m, "backhaul_inflight_requests") == 1
                 assert value(m, "backhaul_queued_requests") == 1
