@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge.proxy.body_policy import check_extra_fields
+from shared.protocol import TUNNEL_PORT
 from shared.settings import BackhaulSettings
 
 # 32 characters of `openssl rand -hex` are 128 bits: past guessing at any rate a ban allows.
@@ -87,7 +88,7 @@ class EdgeSettings(BackhaulSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind.
-    upstream: str = "http://127.0.0.1:11434"
+    upstream: str = f"http://127.0.0.1:{TUNNEL_PORT}"
     # Where the edge keeps its files (the systemd unit's StateDirectory): each path below that is
     # not set is a file in it, never in the working directory.
     state_dir: Path = Path("/var/lib/backhaul-edge")
