@@ -34,7 +34,7 @@ class AgentSettings(BackhaulSettings):
     # The VPS loopback address the forward listens on; the edge's BACKHAUL_EDGE_UPSTREAM.
     remote_bind: str = f"127.0.0.1:{TUNNEL_PORT}"
     # The local model server the forward ends at.
-    upstream: str = f"http://127.0.0.1:{TUNNEL_PORT}"
+    upstream: str = "http://127.0.0.1:11434"  # Ollama's own port, on the workstation
 
     # Dead-peer detection: interval x (count_max + 1) seconds of silence ends the connection.
     keepalive_interval: float = Field(10.0, gt=0)
