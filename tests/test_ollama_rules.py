@@ -8,7 +8,6 @@ import pytest
 from edge.models import ModelPolicy, canonical_model, is_cloud_model
 from edge.proxy import usage
 from edge.proxy.ollama import filter_models
-from edge.routes import BY_PATH
 
 OPEN = ModelPolicy([])
 
@@ -74,7 +73,7 @@ def test_other_names_stay_other():
 def test_filter_models_keeps_only_allowed():
     policy = ModelPolicy(["a:1b"])
     tags = {"models": [{"name": "a:1b"}, {"name": "b:1b"}, {"name": "a:1b-cloud"}, "junk"]}
-    kept = filter_models(BY_PATH["/api/tags"], tags, policy.allows)
+    kept = filter_models(tags, policy.allows)
     assert kept == {"models": [{"name": "a:1b"}]}
 
 

@@ -213,7 +213,7 @@ def _buffered(
     extra: dict[str, str] = {}
     if route.kind is Kind.LIST:
         allows = _model_filter(edge, ex)
-        body = orjson.dumps(ollama.filter_models(route, _upstream_json(body), allows))
+        body = orjson.dumps(ollama.filter_models(_upstream_json(body), allows))
     elif route.kind is Kind.SHOW:
         body = orjson.dumps(ollama.filter_show(_upstream_json(body)))
     elif route.kind is Kind.GENERATE:

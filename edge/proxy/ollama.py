@@ -10,10 +10,9 @@ types/model/name.go.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
-
-from edge.routes import Route
 
 # Options that Ollama applies only when it loads a model (api/types.go `Runner`, and older
 # releases' fields): a caller that varies them forces a reload and evicts everyone else's warm
@@ -39,24 +38,92 @@ LOAD_TIME_OPTIONS = frozenset(
 SHOW_FIELDS_KEPT = ("details", "model_info", "capabilities", "modified_at")
 
 
-def filter_models(route: Route, body: Any, allows: Callable[[str], bool]) -> Any:
-    """Remove the models `allows` refuses from a `/api/tags`, `/api/ps` or `/v1/models` body."""
+def filter_models(body: Any, allows: Callable[[str], bool]) -> Any:
+    """Remove the models `allows` refuses from every list a model listing carries, and show a
+    model file's absolute path as its file name.
+
+    Every list, whatever the route: Ollama's `/api/tags` and `/api/ps` carry `models` (by
+    `name` and `model`), OpenAI's `/v1/models` carries `data` (by `id`), and llama.cpp answers
+    `/v1/models` with both, its `models` entries naming the model under `name` and `model`
+    (tools/server `handle_models`): a filter of `data` alone listed every model there. An entry
+    is kept only when each name it carries is allowed, and its `aliases` (llama.cpp's router
+    mode) only when allowed; what is not a named entry is dropped.
+    """
     if not isinstance(body, dict):
         return body
-    if route.openai:
-        items = body.get("data")
+    show = _file_name if _says_llama_cpp(body.get("data")) else _as_is
+    for field, names in _LISTS:
+        items = body.get(field)
         if isinstance(items, list):
-            body["data"] = [m for m in items if _model_name(m, "id", allows)]
-        return body
-    items = body.get("models")
-    if isinstance(items, list):
-        body["models"] = [m for m in items if _model_name(m, "name", allows)]
+            body[field] = [
+                _shown(item, names, show, allows)
+                for item in items
+                if _named(item, names, show, allows)
+            ]
     return body
 
 
-def _model_name(item: Any, field: str, allows: Callable[[str], bool]) -> bool:
-    name = item.get(field) if isinstance(item, dict) else None
-    return isinstance(name, str) and allows(name)
+# Each list a model listing may carry, and the fields that name a model in its entries.
+_LISTS = (("data", ("id",)), ("models", ("name", "model")))
+# The name llama.cpp gives itself in `owned_by` (tools/server, every version with /v1/models).
+_LLAMA_CPP_OWNER = "llamacpp"
+
+
+def _says_llama_cpp(data: Any) -> bool:
+    return isinstance(data, list) and any(
+        isinstance(item, dict) and item.get("owned_by") == _LLAMA_CPP_OWNER for item in data
+    )
+
+
+def _named(
+    item: Any, names: tuple[str, ...], show: Callable[[str], str], allows: Callable[[str], bool]
+) -> bool:
+    """An entry that names a model in at least one of `names`, each allowed as it is shown."""
+    if not isinstance(item, dict):
+        return False
+    present = [item[name] for name in names if name in item]
+    return bool(present) and all(isinstance(n, str) and allows(show(n)) for n in present)
+
+
+def _shown(
+    item: dict[str, Any],
+    names: tuple[str, ...],
+    show: Callable[[str], str],
+    allows: Callable[[str], bool],
+) -> dict[str, Any]:
+    """The entry as the client sees it: names as `show` spells them, aliases filtered."""
+    for name in names:
+        if name in item:
+            item[name] = show(item[name])
+    aliases = item.get("aliases")
+    if isinstance(aliases, list):
+        item["aliases"] = [a for a in aliases if isinstance(a, str) and allows(a)]
+    return item
+
+
+def _file_name(name: str) -> str:
+    """`name` without its directory when it is an absolute path (`/home/alice/x.gguf`,
+    `C:\\models\\x.gguf`), else `name` itself.
+
+    Why: llama.cpp started with `-m PATH` and no `--alias` names its model by the path, which
+    tells every caller the workstation's user name and layout. The file name is still a name
+    the caller can send back as `model`: llama.cpp serving one model answers whatever `model`
+    a request names. The edge's allowlist reads the same file name, so what is listed is what
+    may be asked for. Only llama.cpp's listings are shortened (`filter_models`): vLLM checks
+    `model` against its served name exactly, path and all (start it with
+    `--served-model-name`).
+    """
+    if name.startswith("/") or _WINDOWS_ABSOLUTE.match(name):
+        return _LAST_PART.split(name)[-1] or name
+    return name
+
+
+def _as_is(name: str) -> str:
+    return name
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]")
+_LAST_PART = re.compile(r"[\\/]")
 
 
 def filter_show(body: Any) -> Any:

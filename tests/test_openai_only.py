@@ -1,0 +1,170 @@
+"""An OpenAI-only model server behind the edge (llama.cpp's `llama-server`, vLLM): listings
+filtered in every field they carry, Ollama routes that say what to use instead, and the model
+server's own API key.
+
+The two model servers here are small aiohttp apps that answer in their originals' exact shapes:
+llama.cpp's tools/server (`server-http.cpp`: the 404 and 401 bodies, the API key checked before
+routing with `/health`, `/models` and `/v1/models` public; `handle_models`: `/v1/models` with
+llama.cpp's own `models` list beside OpenAI's `data`, the model named by its GGUF path when no
+`--alias` is given) and vLLM's OpenAI server (`server_utils.AuthenticationMiddleware`: only
+paths under `/v1` need the key, refused with `{"error": "Unauthorized"}`; FastAPI's 404
+`{"detail": "Not Found"}`; `owned_by: "vllm"` in `/v1/models`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from tests.support.servers import edge, serving
+
+GGUF = "/home/alice/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_404 = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
+LLAMA_401 = {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}}
+LLAMA_PUBLIC = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def llama_models(name: str) -> dict[str, Any]:
+    """llama.cpp's `/v1/models` for one model (tools/server `handle_models`)."""
+    return {
+        "models": [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": "",
+                "size": "",
+                "digest": "",
+                "type": "model",
+                "description": "",
+                "tags": [""],
+                "capabilities": ["completion"],
+                "parameters": "",
+                "details": {
+                    "parent_model": "",
+                    "format": "gguf",
+                    "family": "",
+                    "families": [""],
+                    "parameter_size": "",
+                    "quantization_level": "",
+                },
+            }
+        ],
+        "object": "list",
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "llamacpp",
+                "meta": {"vocab_type": 2, "n_vocab": 49152, "n_ctx_train": 8192, "n_embd": 576},
+            }
+        ],
+    }
+
+
+def chat_answer(model: str) -> dict[str, Any]:
+    return {
+        "choices": [
+            {
+                "finish_reason": "stop",
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello"},
+            }
+        ],
+        "created": int(time.time()),
+        "model": model,
+        "object": "chat.completion",
+        "usage": {"completion_tokens": 2, "prompt_tokens": 9, "total_tokens": 11},
+        "id": "chatcmpl-x",
+    }
+
+
+Seen = list[tuple[str, str, str | None]]  # method, path, Authorization
+
+
+def llama_server(model: str = GGUF, api_key: str | None = None) -> tuple[web.Application, Seen]:
+    """A `llama-server -m MODEL [--api-key KEY]`; returns the app and the requests it saw."""
+    seen: Seen = []
+
+    @web.middleware
+    async def server(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append((request.method, request.path, request.headers.get("Authorization")))
+        # llama.cpp checks the key before routing: an unknown path is 401 without it.
+        if api_key is not None and request.path not in LLAMA_PUBLIC:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if given != api_key:
+                return web.json_response(LLAMA_401, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return web.json_response(LLAMA_404, status=404)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response(llama_models(model))
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(chat_answer(body.get("model", model)))
+
+    app = web.Application(middlewares=[server])
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app, seen
+
+
+async def test_llama_cpp_listing_is_filtered_in_both_lists(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    app, _ = llama_server()
+    async with (
+        serving(app) as url,
+        edge(url, tmp_path, models=["llama3.2:1b"]) as e,
+        http.get(f"{e.url}/v1/models") as r,
+    ):
+        assert r.status == 200
+        listing = await r.json()
+    # llama.cpp's own `models` list carried the refused model past a filter of `data` alone.
+    assert listing["data"] == [] and listing["models"] == []
+
+
+async def test_llama_cpp_model_path_is_listed_as_a_file_name_the_client_can_use(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    app, _ = llama_server()
+    async with serving(app) as url, edge(url, tmp_path, models=[FILE_NAME]) as e:
+        async with http.get(f"{e.url}/v1/models") as r:
+            text = await r.text()
+            listing = await r.json()
+        assert "/home/alice" not in text
+        assert [m["id"] for m in listing["data"]] == [FILE_NAME]
+        assert [(m["name"], m["model"]) for m in listing["models"]] == [(FILE_NAME, FILE_NAME)]
+        # What is listed is what may be asked for: the allowlist reads the same name.
+        chat = {"model": listing["data"][0]["id"], "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{e.url}/v1/chat/completions", json=chat) as r:
+            assert r.status == 200
+            assert (await r.json())["model"] == FILE_NAME
+
+
+async def test_vllm_model_path_is_kept_as_vllm_checks_it(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    # vLLM refuses any `model` but its served name, path and all: shortening it would break
+    # every request, so only llama.cpp's listings are shortened.
+    served = "/srv/models/Qwen2.5-0.5B-Instruct"
+
+    async def models(request: web.Request) -> web.Response:
+        entry = {"id": served, "object": "model", "created": 1, "owned_by": "vllm", "root": served}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    async with serving(app) as url, edge(url, tmp_path) as e, http.get(f"{e.url}/v1/models") as r:
+        assert [m["id"] for m in (await r.json())["data"]] == [served]
