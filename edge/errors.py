@@ -10,6 +10,7 @@ shared.errors.BackhaulError
     ├── Forbidden           403 forbidden        (model or route not allowed)
     ├── Banned              403 banned           + Retry-After (too many failed authentications)
     ├── NotFound            404 not_found        (every route not on the allowlist)
+    ├── NotSupported        404 not_supported    (an Ollama route on an OpenAI-only server)
     ├── MethodNotAllowed    405 method_not_allowed
     ├── RequestTimeout      408 request_timeout   (the body did not arrive within body_timeout)
     ├── PayloadTooLarge     413 payload_too_large
@@ -77,6 +78,13 @@ class Banned(EdgeError):
 
 class NotFound(EdgeError):
     status, type = 404, "not_found"
+
+
+class NotSupported(EdgeError):
+    """An allowlisted Ollama route the model server does not serve: llama.cpp and vLLM speak
+    only OpenAI's API (the message names the `/v1` route to use instead)."""
+
+    status, type = 404, "not_supported"
 
 
 class MethodNotAllowed(EdgeError):

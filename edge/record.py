@@ -41,7 +41,11 @@ class RequestRecord:
     upstream: str | None = None
     upstream_retries: int = 0  # resends on a new connection after a reused one was dead
     queue_ms: float | None = None
-    ttfb_ms: float | None = None
+    ttfb_ms: float | None = None  # sending upstream to its response headers
+    # Sending upstream to the first generated token of a stream; for a buffered answer, the
+    # model server's own prompt time (llama.cpp `timings.prompt_ms`, Ollama
+    # `prompt_eval_duration`), or None when it reports none.
+    ttft_ms: float | None = None
     elapsed_ms: float = 0.0
     overhead_ms: float | None = None
     prompt_chars: int | None = None
@@ -49,6 +53,10 @@ class RequestRecord:
     tokens: int | None = None
     gen_ms: float | None = None
     tok_per_s: float | None = None
+    # Where tok_per_s (and gen_ms) came from: "server", the model server's own decode figures
+    # (Ollama's eval_duration, llama.cpp's timings); "measured", the edge's clock (a stream
+    # from its first generated token to its end; a buffered answer, the whole upstream time).
+    speed_source: str | None = None
     bytes_in: int = 0
     bytes_out: int = 0
 

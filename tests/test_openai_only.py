@@ -168,3 +168,58 @@ async def test_vllm_model_path_is_kept_as_vllm_checks_it(
     app.router.add_get("/v1/models", models)
     async with serving(app) as url, edge(url, tmp_path) as e, http.get(f"{e.url}/v1/models") as r:
         assert [m["id"] for m in (await r.json())["data"]] == [served]
+
+
+async def test_ollama_routes_on_llama_cpp_name_the_openai_route(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    app, _ = llama_server()
+    chat = {"model": FILE_NAME, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    cases = [
+        ("POST", "/api/chat", chat, "use /v1/chat/completions"),
+        ("POST", "/api/generate", {"model": FILE_NAME, "prompt": "hi"}, "use /v1/completions"),
+        ("POST", "/api/embed", {"model": FILE_NAME, "input": "hi"}, "use /v1/embeddings"),
+        ("GET", "/api/tags", None, "use /v1/models"),
+        ("GET", "/api/version", None, "it has no /api/version; use the /v1 routes"),
+    ]
+    async with serving(app) as url, edge(url, tmp_path) as e:
+        for i, (method, path, body, advice) in enumerate(cases):
+            headers = {"X-Request-Id": f"o{i}"}
+            async with http.request(method, f"{e.url}{path}", json=body, headers=headers) as r:
+                assert r.status == 404
+                assert await r.json() == {
+                    "error": f"this model server is OpenAI-compatible only: {advice}",
+                    "type": "not_supported",
+                    "request_id": f"o{i}",
+                }
+            record = await e.record(f"o{i}")
+            assert (record["status"], record["type"]) == (404, "not_supported")
+
+
+async def test_ollama_route_on_vllm_is_not_supported_but_ollamas_own_404_is_kept(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    async def fastapi_404(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "Not Found"}, status=404)
+
+    async def model_not_found(request: web.Request) -> web.Response:
+        return web.json_response({"error": "model 'x' not found"}, status=404)
+
+    vllm = web.Application()
+    vllm.router.add_route("*", "/{tail:.*}", fastapi_404)
+    ollama = web.Application()
+    ollama.router.add_post("/api/embed", model_not_found)
+    body = {"model": "x", "input": "hi"}
+    for upstream, expected in ((vllm, "not_supported"), (ollama, None)):
+        async with (
+            serving(upstream) as url,
+            edge(url, tmp_path) as e,
+            http.post(f"{e.url}/api/embed", json=body) as r,
+        ):
+            assert r.status == 404
+            payload = await r.json()
+        if expected is None:  # Ollama's own word on the request
+            assert payload == {"error": "model 'x' not found"}
+        else:
+            assert payload["type"] == expected
+            assert payload["error"].endswith("use /v1/embeddings")

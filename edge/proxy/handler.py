@@ -28,6 +28,7 @@ from aiohttp import hdrs, web
 from edge.errors import (
     Forbidden,
     InvalidRequest,
+    NotSupported,
     PayloadTooLarge,
     RequestTimeout,
     UpstreamBusy,
@@ -207,6 +208,8 @@ def _buffered(
             message=_upstream_message(body)[:_LOGGED_MESSAGE_CHARS],
         )
         raise UpstreamFailed(status)
+    if status == 404 and not route.openai and not ollama.is_ollama_error(body):
+        raise NotSupported(ollama.openai_only(route.path))
     if status >= 400:  # the model server's word on the request (404 model not found, 400): kept
         ex.record.type = "upstream_error"
         return _response(ex, status, content_type, body, {})

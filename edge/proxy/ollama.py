@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 # Options that Ollama applies only when it loads a model (api/types.go `Runner`, and older
 # releases' fields): a caller that varies them forces a reload and evicts everyone else's warm
 # model.
@@ -34,8 +36,38 @@ LOAD_TIME_OPTIONS = frozenset(
         "draft_num_predict",
     }
 )
+# What a caller of an Ollama route uses instead on a model server that speaks only OpenAI's API
+# (llama.cpp's llama-server, vLLM); /api/show and /api/version have no counterpart.
+OPENAI_ROUTE_FOR = {
+    "/api/chat": "/v1/chat/completions",
+    "/api/generate": "/v1/completions",
+    "/api/embed": "/v1/embeddings",
+    "/api/embeddings": "/v1/embeddings",
+    "/api/tags": "/v1/models",
+    "/api/ps": "/v1/models",
+}
 # Fields of /api/show that reveal the owner's system prompts and templates.
 SHOW_FIELDS_KEPT = ("details", "model_info", "capabilities", "modified_at")
+
+
+def is_ollama_error(body: bytes) -> bool:
+    """Whether an error body is Ollama's own, `{"error": "..."}`: its 404 "model not found"
+    is the model server's word on the request, kept. A 404 in any other shape on an Ollama
+    route says the route is not served: llama.cpp's `{"error": {"message": "File Not Found",
+    ...}}`, vLLM's (FastAPI's) `{"detail": "Not Found"}`, Go's `404 page not found` text."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), str)
+
+
+def openai_only(path: str) -> str:
+    """The message for an Ollama route `path` the model server does not serve."""
+    instead = OPENAI_ROUTE_FOR.get(path)
+    if instead is None:
+        return f"this model server is OpenAI-compatible only: it has no {path}; use the /v1 routes"
+    return f"this model server is OpenAI-compatible only: use {instead}"
 
 
 def filter_models(body: Any, allows: Callable[[str], bool]) -> Any:

@@ -31,8 +31,9 @@ that stops reading a shorter answer simply leaves it there, and holds nothing of
 Counting. The reader also counts the generated tokens as they pass (`edge.proxy.usage.TokenCount`,
 one per line with text) and changes nothing: the caller charges that count when the upstream
 reported no usage (an OpenAI-style stream the client did not ask usage for) or never reached
-its final figures (a stream cut short). Why count rather than ask the upstream for usage and
-drop it from the stream: `edge.proxy.usage`.
+its final figures (a stream cut short). The time the first counted token passed is the start
+of the generation clock and the end of the time to first token (`StreamFacts.first_token`).
+Why count rather than ask the upstream for usage and drop it from the stream: `edge.proxy.usage`.
 
 Resource handling: the reader releases the upstream response when it was read to the end and
 closes it on any other exit; the caller's own `with` blocks stay the owners of the response and
@@ -96,7 +97,10 @@ class StreamFacts:
 
     tail: Tail = field(default_factory=Tail)
     count: TokenCount = field(default_factory=TokenCount)  # tokens seen generated, so far
-    first_chunk: float | None = None  # perf_counter() when the upstream's first chunk came
+    # perf_counter() when the first generated token came: not the first chunk, which may be a
+    # comment (llama.cpp's `: ping` while it reads a long prompt or waits for a slot) or a chunk
+    # with only a role; the generation clock and the time to first token start here.
+    first_token: float | None = None
     upstream_end: float | None = None  # perf_counter() when the upstream finished or broke
     broken: bool = False  # the upstream failed mid-answer
     bytes_out: int = 0  # handed to the client's connection
@@ -222,10 +226,10 @@ async def _read(
     writer: asyncio.Task[None] | None = None
     try:
         async for chunk in upstream.content.iter_any():
-            if facts.first_chunk is None:
-                facts.first_chunk = time.perf_counter()
             facts.tail.add(chunk)
             facts.count.feed(chunk)
+            if facts.first_token is None and facts.count.tokens:
+                facts.first_token = time.perf_counter()
             if writer is None and (
                 transport is None
                 or transport.get_write_buffer_size() + len(chunk) + _CHUNK_FRAMING < high

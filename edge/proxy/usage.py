@@ -3,7 +3,13 @@
 Ollama's final chunk carries `eval_count` (generated tokens) and `eval_duration` (nanoseconds of
 decoding); tok/s is `eval_count / eval_duration * 1e9` (Ollama's documented formula). Metric fields
 are omitted when zero, so every one is optional. OpenAI-style responses carry only token counts in
-`usage`: speed is then measured by the caller from its own wall clock.
+`usage`, except llama.cpp's, whose final answer (or last chunk) also carries its own `timings`:
+`predicted_n` tokens decoded in `predicted_ms`, `predicted_per_second`, and `prompt_n` tokens
+(`cache_n` more from its cache) read in `prompt_ms` (server-task.cpp, result_timings::to_json).
+Where the upstream gives no timings, speed is measured by the caller from its own wall clock,
+and the record says so (`speed_source`): a figure is the server's whenever it has one, because
+the edge's clock also holds what the server did before decoding (its queue, the prompt) and,
+for a buffered answer, cannot tell it apart.
 
 A streamed OpenAI-style answer carries no usage at all unless the client asked for it with
 `stream_options.include_usage` (the openai SDK does not by default), and a stream cut short never
@@ -36,15 +42,24 @@ NS_PER_S = 1_000_000_000
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts and, when the upstream reports them, its own durations."""
+    """Token counts and, when the upstream reports them, its own durations and speed."""
 
     prompt_tokens: int | None = None
     tokens: int | None = None  # generated (completion) tokens
     eval_ns: int | None = None  # decode time reported by the upstream
     total_ns: int | None = None
+    prompt_ns: int | None = None  # prompt processing time reported by the upstream
+    per_s: float | None = None  # decode speed the upstream reported itself (llama.cpp)
+
+    @property
+    def server_speed(self) -> bool:
+        """Whether `tok_per_s()` is the upstream's own figure rather than a wall clock's."""
+        return self.per_s is not None or (self.tokens is not None and bool(self.eval_ns))
 
     def tok_per_s(self, wall_s: float | None = None) -> float | None:
-        """Generation speed: from the upstream's own counters, else from `wall_s` if given."""
+        """Generation speed: the upstream's own, else from its counters, else from `wall_s`."""
+        if self.per_s is not None:
+            return self.per_s
         if self.tokens is None:
             return None
         if self.eval_ns:
@@ -58,6 +73,18 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _positive(value: Any) -> float | None:
+    """A finite number above zero, else None (llama.cpp writes a division by zero as null)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 < value < math.inf else None
+
+
+def _ms_to_ns(value: Any) -> int | None:
+    ms = _positive(value)
+    return round(ms * 1_000_000) if ms is not None else None
+
+
 def from_ollama(obj: dict[str, Any]) -> Usage:
     """Usage from an Ollama final object (`done: true`) or an `/api/embed` response."""
     return Usage(
@@ -65,17 +92,36 @@ def from_ollama(obj: dict[str, Any]) -> Usage:
         tokens=_int(obj.get("eval_count")),
         eval_ns=_int(obj.get("eval_duration")),
         total_ns=_int(obj.get("total_duration")),
+        prompt_ns=_int(obj.get("prompt_eval_duration")),
     )
 
 
 def from_openai(obj: dict[str, Any]) -> Usage:
-    """Usage from an OpenAI response or usage chunk (`{"usage": {...}}`)."""
+    """Usage from an OpenAI response or chunk: its `usage`, and llama.cpp's `timings` if any.
+
+    The counts come from `usage` when it is there; a llama.cpp stream without `include_usage`
+    has only `timings`, whose `predicted_n` is the same count (`n_decoded`) and whose prompt is
+    `prompt_n` read plus `cache_n` taken from the cache.
+    """
     usage = obj.get("usage")
     if not isinstance(usage, dict):
-        return Usage()
+        usage = {}
+    timings = obj.get("timings")
+    if not isinstance(timings, dict):
+        timings = {}
+    tokens = _int(usage.get("completion_tokens"))
+    if tokens is None:
+        tokens = _int(timings.get("predicted_n"))
+    prompt = _int(usage.get("prompt_tokens"))
+    read = _int(timings.get("prompt_n"))
+    if prompt is None and read is not None and read >= 0:
+        prompt = read + (_int(timings.get("cache_n")) or 0)
     return Usage(
-        prompt_tokens=_int(usage.get("prompt_tokens")),
-        tokens=_int(usage.get("completion_tokens")),
+        prompt_tokens=prompt,
+        tokens=tokens,
+        eval_ns=_ms_to_ns(timings.get("predicted_ms")),
+        prompt_ns=_ms_to_ns(timings.get("prompt_ms")),
+        per_s=_positive(timings.get("predicted_per_second")),
     )
 
 
@@ -105,15 +151,16 @@ def from_ndjson_tail(tail: bytes) -> Usage:
 
 
 def from_sse_tail(tail: bytes) -> Usage:
-    """Usage from the last `data:` event with a `usage` object in the tail of an SSE stream."""
-    for event in reversed(tail.split(b"\n\n")):
-        line = event.strip()
-        if not line.startswith(b"data:") or b'"usage"' not in line:
+    """Usage from the last `data:` line with a `usage` or `timings` object in the tail of an
+    SSE stream. Read line by line, not event by event: a comment line (`: ping`) or an
+    `event:` line may share an event with the data, and a data line is always whole JSON."""
+    for line in reversed(tail.split(b"\n")):
+        if not line.startswith(b"data:") or (b'"usage"' not in line and b'"timings"' not in line):
             continue
         try:
             obj = orjson.loads(line[5:])
         except orjson.JSONDecodeError:
-            continue
+            continue  # the tail may start mid-line
         if isinstance(obj, dict):
             usage = from_openai(obj)
             if usage.tokens is not None:
