@@ -37,7 +37,7 @@ from edge.errors import (
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.proxy import body_json, body_limits, ollama, relay, usage
-from edge.proxy.usage import Usage
+from edge.proxy.usage import NS_PER_S, Usage
 from edge.routes import Kind, Route
 from edge.services import EDGE, Edge
 from edge.settings import EdgeSettings
@@ -270,13 +270,22 @@ def _upstream_message(body: bytes) -> str:
     return str(error) if error else "no details"
 
 
-def _record_usage(ex: Exchange, figures: Usage, wall_s: float) -> None:
+def _record_usage(ex: Exchange, figures: Usage, wall_s: float | None) -> None:
+    """Record an answer's figures: the model server's own where it reports them, else timed
+    over `wall_s` (a stream's first token to its end; a buffered answer's whole upstream time,
+    prompt included, so `speed_source` says "measured"). A buffered answer's time to first
+    token is the server's own prompt time, when it gives one: the edge cannot see that token."""
     record = ex.record
     record.prompt_tokens = figures.prompt_tokens
     record.tokens = figures.tokens
-    record.gen_ms = round(figures.eval_ns / 1e6 if figures.eval_ns else wall_s * 1000.0, 3)
+    gen_s = figures.eval_ns / NS_PER_S if figures.eval_ns else wall_s
+    record.gen_ms = round(gen_s * 1000.0, 3) if gen_s is not None else None
     speed = figures.tok_per_s(wall_s)
     record.tok_per_s = round(speed, 2) if speed is not None else None
+    if speed is not None:
+        record.speed_source = "server" if figures.server_speed else "measured"
+    if not record.stream and figures.prompt_ns is not None:
+        record.ttft_ms = round(figures.prompt_ns / 1e6, 3)
 
 
 def _with_count(ex: Exchange, facts: relay.StreamFacts, figures: Usage) -> Usage:
@@ -332,8 +341,9 @@ async def _relay_stream(
         end = facts.tail.bytes()
         figures = usage.from_sse_tail(end) if sse else usage.from_ndjson_tail(end)
         figures = _with_count(ex, facts, figures)
-        gen_s = ex.upstream_s - ((facts.first_chunk - t0) if facts.first_chunk else 0.0)
-        _record_usage(ex, figures, gen_s if figures.eval_ns is None else ex.upstream_s)
+        # The generation clock starts at the first token, not the first chunk (`relay`).
+        first = facts.first_token
+        _record_usage(ex, figures, facts.upstream_end - first if first is not None else None)
 
     try:
         outcome = await relay.relay(
@@ -348,9 +358,13 @@ async def _relay_stream(
         )
     finally:
         ex.record.bytes_out += facts.bytes_out
+        first = facts.first_token
+        if first is not None:
+            ex.record.ttft_ms = round((first - t0) * 1000.0, 3)
         if ex.record.tokens is None:  # cut before its figures: the client went, or it broke
             end = facts.upstream_end or time.perf_counter()
-            _record_usage(ex, _with_count(ex, facts, Usage()), end - (facts.first_chunk or end))
+            gen_s = end - first if first is not None else None
+            _record_usage(ex, _with_count(ex, facts, Usage()), gen_s)
     if outcome is relay.Outcome.UPSTREAM_BROKEN:
         # Headers are gone: the client got an error line in the stream's own shape, then a cut.
         ex.record.outcome, ex.record.type = "upstream_broken", "upstream_broken"
