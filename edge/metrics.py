@@ -148,6 +148,14 @@ class EdgeMetrics:
             buckets=_TTFB_BUCKETS_S,
             registry=r,
         )
+        self.ttft = Histogram(
+            "backhaul_upstream_ttft_seconds",
+            "Time from sending a request upstream to its first generated token (a stream), or "
+            "the model server's own prompt time (a buffered answer that reports it).",
+            ["route"],
+            buckets=_TTFB_BUCKETS_S,
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "backhaul_queue_wait_seconds",
             "Time inference requests waited for a GPU slot in the edge's gate.",
@@ -156,7 +164,8 @@ class EdgeMetrics:
         )
         self.tok_per_s = Histogram(
             "backhaul_tokens_per_second",
-            "Generation speed of each answer (eval_count / eval_duration), by model.",
+            "Generation speed of each answer (the model server's own figure where it reports "
+            "one, else measured from the first token), by model.",
             ["model"],
             buckets=_TOK_PER_S_BUCKETS,
             registry=r,
@@ -196,6 +205,8 @@ class EdgeMetrics:
         child(self.duration, route).observe(record.elapsed_ms / 1000.0)
         if record.ttfb_ms is not None:
             child(self.ttfb, route).observe(record.ttfb_ms / 1000.0)
+        if record.ttft_ms is not None:
+            child(self.ttft, route).observe(record.ttft_ms / 1000.0)
         if record.queue_ms is not None:
             self.queue_wait.observe(record.queue_ms / 1000.0)
         if record.tok_per_s is not None:

@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.support.metrics import scrape, value
 from tests.support.servers import Edge, edge, raw_server, simulator
 
 MODEL = "smollm2"
@@ -264,6 +265,19 @@ async def test_pings_do_not_start_the_generation_clock(tmp_path: Path, http: aio
         assert record["gen_ms"] <= (done - stand_in.first_token_sent) * 1000.0
         assert record["ttft_ms"] >= (stand_in.first_token_sent - stand_in.received) * 1000.0
         assert record["tok_per_s"] == pytest.approx(len(TOKENS) / record["gen_ms"] * 1000, 0.01)
+
+
+async def test_ttft_is_in_the_metrics(tmp_path: Path, http: aiohttp.ClientSession):
+    async with llama_edge(tmp_path) as (_, e):
+        for rid, stream in (("streamed", True), ("buffered", False)):
+            body, headers = {**CHAT, "stream": stream}, {"X-Request-Id": rid}
+            async with http.post(f"{e.url}/v1/chat/completions", json=body, headers=headers) as r:
+                await r.read()
+            async with asyncio.timeout(5):  # counted once the edge has finished with it
+                assert (await e.wait_record(rid))["ttft_ms"] is not None
+        samples = await scrape(http, e.url)
+    route = "/v1/chat/completions"
+    assert value(samples, "backhaul_upstream_ttft_seconds_count", route=route) == 2
 
 
 async def test_ollamas_own_figures_are_the_servers(tmp_path: Path, http: aiohttp.ClientSession):
