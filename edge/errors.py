@@ -19,6 +19,7 @@ shared.errors.BackhaulError
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
     ├── UpstreamFailed      5xx upstream_error    (the model server's own 5xx, its body kept back)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
+    ├── UpstreamRefused     502 upstream_refused  (the model server refuses the edge's credential)
     ├── InvalidModelOutput  502 invalid_model_output (a feature's answer broke its JSON schema)
     ├── AgentUnavailable    503 agent_unavailable + Retry-After (no tunnel, or a silent one)
     ├── UpstreamBusy        503 upstream_busy     + Retry-After (the model server's queue is full)
@@ -130,6 +131,14 @@ class UpstreamFailed(EdgeError):
 
 class UpstreamUnavailable(EdgeError):
     status, type = 502, "upstream_unavailable"
+
+
+class UpstreamRefused(EdgeError):
+    """The model server answered 401 or 403: it refuses the edge's own credential (none, or
+    not its `--api-key`). Never the caller's key, which is never sent upstream, so never a 401
+    to the caller, who can do nothing about it."""
+
+    status, type = 502, "upstream_refused"
 
 
 class InvalidModelOutput(EdgeError):

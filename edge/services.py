@@ -79,12 +79,13 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
     """Build the edge, run its background loops for the body of the `async with`, close it.
 
     Error handling: raises `ConfigError` (before anything is opened) when the keys file is there
-    but cannot be used, or a state path is not a regular file; and the `ExceptionGroup` of a
-    background loop that failed.
+    but cannot be used, the model server's API key file cannot be read, or a state path is not
+    a regular file; and the `ExceptionGroup` of a background loop that failed.
     """
     keys = KeyStore(settings.keys_path) if settings.auth == "keys" else None
     if keys is not None:
         keys.load_at_start()  # a keys file that cannot be used stops the edge here
+    upstream_key = connections.read_api_key(settings.upstream_api_key_file)
     clients = ClientAddress(settings.trusted_proxies)
     models = ModelPolicy(settings.models)
     bans = BanList(
@@ -107,7 +108,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
             settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
         )
         stack.push_async_callback(telemetry.aclose)
-        sessions = await stack.enter_async_context(connections.sessions(settings))
+        sessions = await stack.enter_async_context(connections.sessions(settings, upstream_key))
         metrics = EdgeMetrics(settings.models, gate, monitor, telemetry)
         listeners = Listeners(http_admission(settings))
         metrics.registry.register(ListenersCollector(listeners))

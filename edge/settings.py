@@ -89,6 +89,11 @@ class EdgeSettings(BackhaulSettings):
     port: int = Field(8080, ge=0, le=65535)
     # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind.
     upstream: str = f"http://127.0.0.1:{TUNNEL_PORT}"
+    # A file holding the model server's own API key (vLLM or llama-server started with
+    # `--api-key`), sent upstream as `Authorization: Bearer` on every request and probe; read
+    # once at start, never logged. Unset: no credential (Ollama needs none). Callers' own keys
+    # are never sent upstream.
+    upstream_api_key_file: Path | None = None
     # Where the edge keeps its files (the systemd unit's StateDirectory): each path below that is
     # not set is a file in it, never in the working directory.
     state_dir: Path = Path("/var/lib/backhaul-edge")

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from shared.errors import ConfigError
+from tests.support.keyfiles import assert_no_secret, bearer, captured_logs, keyed, write_keys
 from tests.support.servers import edge, serving
 
 GGUF = "/home/alice/models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -223,3 +226,110 @@ async def test_ollama_route_on_vllm_is_not_supported_but_ollamas_own_404_is_kept
         else:
             assert payload["type"] == expected
             assert payload["error"].endswith("use /v1/embeddings")
+
+
+VLLM_KEY = "vllm-0123456789abcdef0123456789abcdef"
+SERVED = "Qwen/Qwen2.5-0.5B-Instruct"
+CHAT = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def vllm_server(api_key: str | None) -> tuple[web.Application, Seen]:
+    """`vllm serve Qwen/Qwen2.5-0.5B-Instruct [--api-key KEY]`: the key is checked on paths
+    under /v1 only; returns the app and the requests it saw."""
+    seen: Seen = []
+
+    @web.middleware
+    async def server(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append((request.method, request.path, request.headers.get("Authorization")))
+        given = request.headers.get("Authorization")
+        if api_key is not None and request.path.startswith("/v1") and given != f"Bearer {api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return web.json_response({"detail": "Not Found"}, status=404)
+
+    async def models(request: web.Request) -> web.Response:
+        entry = {"id": SERVED, "object": "model", "created": 1, "owned_by": "vllm", "root": SERVED}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(chat_answer((await request.json())["model"]))
+
+    app = web.Application(middlewares=[server])
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app, seen
+
+
+async def test_the_model_servers_key_is_sent_and_the_callers_never(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    key_file = tmp_path / "vllm.key"
+    key_file.write_text(VLLM_KEY + "\n")
+    secrets = write_keys(tmp_path / "keys.json", alice={})
+    app, seen = vllm_server(VLLM_KEY)
+    settings = keyed(tmp_path, upstream_api_key_file=key_file)
+    with captured_logs() as logs:
+        async with serving(app) as url, edge(url, tmp_path, **settings) as e:
+            async with http.get(f"{e.url}/readyz") as r:
+                assert r.status == 200
+            headers = {**bearer(secrets["alice"]), "X-Request-Id": "keyed"}
+            async with http.post(f"{e.url}/v1/chat/completions", json=CHAT, headers=headers) as r:
+                assert r.status == 200
+            assert (await e.record("keyed"))["status"] == 200
+            await assert_no_secret(e, {"upstream": VLLM_KEY, **secrets}, logs)
+    # Every request and probe carried the edge's key, none the caller's.
+    assert ("POST", "/v1/chat/completions", f"Bearer {VLLM_KEY}") in seen
+    assert ("GET", "/v1/models", f"Bearer {VLLM_KEY}") in seen  # the probe
+    assert {auth for _, _, auth in seen} == {f"Bearer {VLLM_KEY}"}
+
+
+async def test_a_model_server_that_refuses_the_edge_is_not_ready_and_no_401_to_the_caller(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    # vLLM started with --api-key, the edge without it: /api/version is vLLM's 404 (no key is
+    # checked there), so only a /v1 probe shows the refusal.
+    app, seen = vllm_server(VLLM_KEY)
+    async with serving(app) as url, edge(url, tmp_path) as e:
+        async with http.get(f"{e.url}/readyz") as r:
+            assert r.status == 502
+            error = (await r.json())["error"]
+        assert error["type"] == "upstream_refused"
+        assert "refuses the edge's credential" in error["message"]
+        assert "BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE" in error["message"]
+        headers = {"X-Request-Id": "refused", "Authorization": "Bearer the-callers-own"}
+        async with http.post(f"{e.url}/v1/chat/completions", json=CHAT, headers=headers) as r:
+            assert r.status == 502
+            assert (await r.json())["error"]["type"] == "upstream_refused"
+        record = await e.record("refused")
+        assert (record["status"], record["type"]) == (502, "upstream_refused")
+    assert all(auth is None for _, _, auth in seen)  # the caller's credential stayed at the edge
+
+
+async def test_llama_cpp_refusing_a_wrong_key_is_seen_by_the_probe(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    key_file = tmp_path / "llama.key"
+    key_file.write_text("not-the-key")
+    app, seen = llama_server(api_key="the-key")
+    async with (
+        serving(app) as url,
+        edge(url, tmp_path, upstream_api_key_file=key_file) as e,
+        http.get(f"{e.url}/readyz") as r,
+    ):
+        assert r.status == 502
+        assert (await r.json())["error"]["type"] == "upstream_refused"
+        assert e.edge.upstream.monitor.status.state.value == "model_server_refuses"
+    # llama.cpp checks its key before routing: the first probe's 401 said it all.
+    assert seen[0] == ("GET", "/api/version", "Bearer not-the-key")
+
+
+@pytest.mark.parametrize("content", [None, b"", b"two words", b"\xff\xfe"])
+async def test_an_unusable_key_file_stops_the_edge_at_start(tmp_path: Path, content: bytes | None):
+    key_file = tmp_path / "vllm.key"
+    if content is not None:
+        key_file.write_bytes(content)
+    with pytest.raises(ConfigError, match="BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE"):
+        async with edge("http://127.0.0.1:9", tmp_path, upstream_api_key_file=key_file):
+            pass

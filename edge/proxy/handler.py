@@ -42,6 +42,7 @@ from edge.routes import Kind, Route
 from edge.services import EDGE, Edge
 from edge.settings import EdgeSettings
 from edge.upstreams import connections
+from edge.upstreams.base import REFUSED_STATUSES
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # A buffered answer larger than this is written by the handler under the write timeout: left to
@@ -162,7 +163,8 @@ async def _forward(
 ) -> web.StreamResponse:
     settings, tunnel = edge.settings, edge.upstream
     # Built from scratch, never copied from the client: a loopback Host (set by aiohttp from
-    # the URL), no Origin (Ollama refuses unknown origins), no cookies or credentials.
+    # the URL), no Origin (Ollama refuses unknown origins), no cookies, never the caller's
+    # credential; the edge's own, if it has one, is a header of its sessions (`connections`).
     headers = {hdrs.ACCEPT_ENCODING: "identity", "X-Request-Id": ex.id}
     if payload is not None:
         headers[hdrs.CONTENT_TYPE] = "application/json"
@@ -208,6 +210,8 @@ def _buffered(
             message=_upstream_message(body)[:_LOGGED_MESSAGE_CHARS],
         )
         raise UpstreamFailed(status)
+    if status in REFUSED_STATUSES:  # the edge's credential, not the caller's: never sent
+        raise edge.upstream.monitor.refused(status)
     if status == 404 and not route.openai and not ollama.is_ollama_error(body):
         raise NotSupported(ollama.openai_only(route.path))
     if status >= 400:  # the model server's word on the request (404 model not found, 400): kept

@@ -22,6 +22,9 @@ class State(enum.Enum):
     AGENT_ABSENT = "agent_absent"  # nothing listens on the tunnel's loopback port
     TUNNEL_SILENT = "tunnel_silent"  # it accepts but never answers: a half-open tunnel
     MODEL_SERVER_DOWN = "model_server_down"  # the agent answers, its model server does not
+    # It answers 401/403: it wants an API key, and the edge's (upstream_api_key_file) is
+    # missing or not the one it was started with.
+    MODEL_SERVER_REFUSES = "model_server_refuses"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,21 @@ class Status:
     reason: str
     since: float  # time.time() of the last change
     agent_present: bool | None  # from the embedded SSH server; None = not known (sshd mode)
+
+
+# What a model server answers when it refuses the caller's credential.
+REFUSED_STATUSES = frozenset({401, 403})
+
+
+def classify_answer(status: int) -> State:
+    """The upstream state an answer's status shows: a refused credential, a failing server
+    (5xx), or one that is up (anything else, a 404 included: an OpenAI-only server has no
+    `/api/version`)."""
+    if status in REFUSED_STATUSES:
+        return State.MODEL_SERVER_REFUSES
+    if status >= 500:
+        return State.MODEL_SERVER_DOWN
+    return State.UP
 
 
 def classify(exc: BaseException) -> tuple[State, str] | None:

@@ -25,6 +25,12 @@ aiohttp already resends an idempotent request (GET) once by itself, on whatever 
 pool gives; the edge's resend applies when the last connection tried was a reused one, so a GET
 is sent at most three times, the last on a new connection, and a POST at most twice.
 
+The edge's own credential to the model server (`upstream_api_key_file`: vLLM or llama-server
+started with `--api-key`) is a header of both sessions, so every request and every probe carries
+it and none can forget it; it is read once at start (`read_api_key`) and kept out of every log.
+A caller's own credential is never sent upstream (`edge.proxy.handler` builds each request's
+headers from scratch).
+
 Resource handling: both sessions are opened and closed by `sessions()`, in the app's cleanup
 context.
 """
@@ -34,15 +40,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import hdrs
 from aiohttp.http import RawResponseMessage
+from pydantic import SecretStr
 
 from edge.record import RequestRecord
 from edge.settings import EdgeSettings
+from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -150,9 +160,33 @@ async def send(
     return await sessions.fresh.request(method, url, data=data, headers=headers)
 
 
+def read_api_key(path: Path | None) -> SecretStr | None:
+    """The model server's API key from `path` (surrounding whitespace dropped), or None when no
+    file is set.
+
+    Error handling: raises `ConfigError` naming the file (never its content) when it cannot be
+    read or holds no key: the edge would otherwise start and be refused on every request.
+    """
+    if path is None:
+        return None
+    setting = "BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE"
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({setting}): {exc.strerror}") from None
+    except UnicodeDecodeError:  # its message quotes a byte of the key: not chained, not said
+        raise ConfigError(f"{path} ({setting}) is not UTF-8 text") from None
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(f"{path} ({setting}) must hold one API key, without spaces")
+    return SecretStr(key)
+
+
 @asynccontextmanager
-async def sessions(settings: EdgeSettings) -> AsyncIterator[Sessions]:
-    """Open the two sessions to the model server; close them on exit."""
+async def sessions(
+    settings: EdgeSettings, api_key: SecretStr | None = None
+) -> AsyncIterator[Sessions]:
+    """Open the two sessions to the model server, each sending `api_key` as a bearer token
+    when there is one; close them on exit."""
     timeout = aiohttp.ClientTimeout(
         total=None,  # generation has no total bound; silence does (sock_read)
         connect=settings.connect_timeout,
@@ -166,6 +200,8 @@ async def sessions(settings: EdgeSettings) -> AsyncIterator[Sessions]:
         "cookie_jar": aiohttp.DummyCookieJar(),
         "skip_auto_headers": ("User-Agent",),
     }
+    if api_key is not None:
+        options["headers"] = {hdrs.AUTHORIZATION: f"Bearer {api_key.get_secret_value()}"}
     # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
     # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
     pooled = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S)

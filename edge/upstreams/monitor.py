@@ -2,8 +2,9 @@
 
 Three sources feed one state: the embedded SSH server's connect and disconnect events (exact,
 when that mode is on), a liveness probe (`GET /api/version` through the tunnel every
-`probe_interval`, faster while down), and what requests themselves see (a refused connect marks
-the agent absent at once). While the state is down, requests are answered 503 (or 502) at once
+`probe_interval`, faster while down; `GET /v1/models` too on a server without Ollama's API), and
+what requests themselves see (a refused connect marks the agent absent at once, a 401 a refused
+credential). While the state is down, requests are answered 503 (or 502) at once
 instead of waiting for a connect or read timeout, and requests already waiting for response
 headers are woken with the same answer: a half-open tunnel accepts connections and then stays
 silent, so without this they would wait the whole read timeout.
@@ -21,8 +22,8 @@ from types import TracebackType
 import aiohttp
 import structlog
 
-from edge.errors import AgentUnavailable, EdgeError, UpstreamUnavailable
-from edge.upstreams.base import State, Status, classify
+from edge.errors import AgentUnavailable, EdgeError, UpstreamRefused, UpstreamUnavailable
+from edge.upstreams.base import State, Status, classify, classify_answer
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +63,7 @@ class UpstreamMonitor:
         self, base_url: str, probe_interval: float, probe_timeout: float, retry_after: int
     ) -> None:
         self._url = f"{base_url}/api/version"
+        self._models_url = f"{base_url}/v1/models"
         self._probe_interval = probe_interval
         self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout)
         self.retry_after = str(retry_after)  # the Retry-After value, seconds
@@ -85,7 +87,7 @@ class UpstreamMonitor:
         """The tunnel is up: the SSH server says so or, presence unknown, the probe reaches it."""
         if self._agent_present is not None:
             return self._agent_present
-        return self._state in (State.UP, State.MODEL_SERVER_DOWN)
+        return self._state in (State.UP, State.MODEL_SERVER_DOWN, State.MODEL_SERVER_REFUSES)
 
     def _count_connect(self) -> None:
         connected = self.agent_connected
@@ -121,7 +123,16 @@ class UpstreamMonitor:
                 "the workstation is connected but its model server is not answering",
                 headers={"Retry-After": self.retry_after},
             )
+        if self._state is State.MODEL_SERVER_REFUSES:
+            return _refused(self._reason)
         return None
+
+    def refused(self, status: int) -> UpstreamRefused:
+        """A request the model server answered 401 or 403: the state that shows (the probe
+        looks again at once), and the error to answer it with."""
+        reason = f"request answered {status}"
+        self.report(State.MODEL_SERVER_REFUSES, reason)
+        return _refused(reason)
 
     def set_agent_present(self, present: bool | None) -> None:
         """Presence from the embedded SSH server; None when presence cannot be known."""
@@ -176,20 +187,29 @@ class UpstreamMonitor:
                     timeout.reschedule(now)
 
     async def probe(self, session: aiohttp.ClientSession) -> State:
-        """Ask the model server for its version once, through the tunnel; record and return."""
+        """Ask the model server for its version once, through the tunnel; record and return.
+
+        A server without Ollama's API (llama.cpp, vLLM: 404) is asked for `/v1/models` as well:
+        vLLM checks its API key only on paths under `/v1`, so its 404 says nothing of whether
+        it would take the edge's credential (llama.cpp checks the key before routing, so its
+        404 does; its `/v1/models` is public).
+        """
         try:
-            async with session.get(self._url, timeout=self._probe_timeout) as response:
-                await response.read()
-                if response.status < 500:
-                    self._set(State.UP, f"probe answered {response.status}")
-                else:
-                    self._set(State.MODEL_SERVER_DOWN, f"probe answered {response.status}")
+            status = await self._ask(session, self._url)
+            if status == 404:
+                status = await self._ask(session, self._models_url)
+            self._set(classify_answer(status), f"probe answered {status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             seen = classify(exc)
             assert seen is not None  # classify() reads every aiohttp failure and timeout
             state, reason = seen
             self._set(state, f"probe: {reason}")
         return self._state
+
+    async def _ask(self, session: aiohttp.ClientSession, url: str) -> int:
+        async with session.get(url, timeout=self._probe_timeout) as response:
+            await response.read()
+            return response.status
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Probe forever: every `probe_interval` while up, faster while down."""
@@ -203,3 +223,10 @@ class UpstreamMonitor:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+
+def _refused(reason: str) -> UpstreamRefused:
+    return UpstreamRefused(
+        f"the model server refuses the edge's credential ({reason}); the operator must set "
+        "BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE to its API key. Your own API key is not the cause."
+    )
