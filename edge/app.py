@@ -11,8 +11,8 @@ from aiohttp import web
 
 from edge.http import cors, demo, probes
 from edge.http.middleware import exchange_middleware
-from edge.proxy import feature_route, handler
-from edge.routes import FEATURE_PREFIX, ROUTES
+from edge.proxy import feature_route, handler, model_route
+from edge.routes import ALIASES, BY_PATH, FEATURE_PREFIX, MODEL_PREFIX, ROUTES
 from edge.services import EDGE, Edge
 
 
@@ -35,6 +35,10 @@ def create_app(edge: Edge) -> web.Application:
     app[EDGE] = edge
     for route in ROUTES:
         app.router.add_route(route.method, route.path, handler.proxy)
+    for alias, path in ALIASES.items():
+        app.router.add_route(BY_PATH[path].method, alias, handler.proxy)
+    app.router.add_get(MODEL_PREFIX + "{model:.+}", model_route.retrieve_model)
+    app.router.add_get("/", probes.root, allow_head=True)
     app.router.add_get("/healthz", probes.healthz, allow_head=True)
     app.router.add_get("/readyz", probes.readyz, allow_head=True)
     app.router.add_get("/metrics", probes.metrics)

@@ -52,7 +52,30 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", Kind.LIST, openai=True),
 )
 
+# The same routes without `/v1`, as clients configured with a bare base URL call them (LiteLLM's
+# `openai/` provider with `api_base=https://host`): the same route, the same limits; the
+# upstream is always sent the canonical `/v1` path.
+ALIASES: dict[str, str] = {
+    "/chat/completions": "/v1/chat/completions",
+    "/completions": "/v1/completions",
+    "/embeddings": "/v1/embeddings",
+    "/models": "/v1/models",
+}
 BY_PATH: dict[str, Route] = {route.path: route for route in ROUTES}
+BY_PATH.update({alias: BY_PATH[path] for alias, path in ALIASES.items()})
+# `GET /v1/models/{id}` (the openai SDK's `models.retrieve`): answered by the edge from the
+# filtered `/v1/models` list, so it holds on every server and never builds an upstream path from
+# what the client wrote.
+MODEL_PREFIX = "/v1/models/"
+# Routes real clients call that the edge does not serve, with what to use instead: a clear 404.
+UNSERVED: dict[str, str] = {
+    "/v1/responses": (
+        "the Responses API (/v1/responses) is not served here; use /v1/chat/completions"
+    ),
+    "/v1/messages": (
+        "the Anthropic Messages API (/v1/messages) is not served here; use /v1/chat/completions"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +88,8 @@ class OwnRoute:
 
 
 OWN_ROUTES: tuple[OwnRoute, ...] = (
+    # Ollama's own "Ollama is running", which tools call to check the server is there.
+    OwnRoute("/", open=True, logged=False),
     OwnRoute("/healthz", open=True, logged=False),
     OwnRoute("/readyz", open=True, logged=False),
     OwnRoute("/metrics", open=True, logged=False),  # its own token (edge.metrics)

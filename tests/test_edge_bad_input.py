@@ -36,9 +36,7 @@ FORBIDDEN_PATHS = [
     "/api/chat/",
     "/api/me",
     "/api/experimental/web_search",
-    "/v1/models/llama3.2:1b",
     "/v1/responses",
-    "/",
 ]
 METHODS = ["GET", "POST", "DELETE", "PUT", "HEAD", "PATCH"]
 

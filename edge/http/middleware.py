@@ -30,7 +30,7 @@ from edge.exchange import EXCHANGE, Exchange, request_id
 from edge.http import cors
 from edge.proxy.features import FEATURE, lookup
 from edge.record import RequestRecord
-from edge.routes import BY_PATH, OPEN_PATHS, UNLOGGED_PATHS
+from edge.routes import BY_PATH, MODEL_PREFIX, OPEN_PATHS, UNLOGGED_PATHS, UNSERVED
 from edge.services import EDGE
 
 log = structlog.get_logger(__name__)
@@ -106,7 +106,9 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     guard = edge.guard
     if path not in OPEN_PATHS:
         guard.check_ban(ex)
-    if not _PLAIN_PATH.fullmatch(path) or request.path != path:
+    model_route = path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)
+    plain = path == "/" or (_PLAIN_PATH.fullmatch(path) is not None and request.path == path)
+    if not plain and not model_route:
         if hdrs.AUTHORIZATION not in request.headers:  # a scanner's `/.env`: counted past a burst
             guard.anonymous.note(ex, NotFound.type)
         raise NotFound("no such route")
@@ -121,6 +123,8 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     guard.admit(request, ex, feature)
     match = request.match_info
     if match.http_exception is not None:
+        if path in UNSERVED:
+            raise NotFound(UNSERVED[path])
         raise match.http_exception
     _refuse_encoded_body(request)
     try:

@@ -20,6 +20,12 @@ from edge.upstreams.base import State
 log = structlog.get_logger(__name__)
 
 
+async def root(request: web.Request) -> web.Response:
+    """`GET /`: Ollama's own answer, which tools call to check that the server is there. The
+    edge's, not the model server's: it says nothing about the agent (that is `/readyz`)."""
+    return web.Response(text="Ollama is running")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive and serving; says nothing about the agent."""
     return web.json_response({"status": "ok"})
