@@ -295,8 +295,9 @@ def _record_usage(ex: Exchange, figures: Usage, wall_s: float | None) -> None:
 def _with_count(ex: Exchange, facts: relay.StreamFacts, figures: Usage) -> Usage:
     """`figures`, or where the upstream reported no generated tokens, the relay's count with
     the prompt estimated from its size: an OpenAI-style stream without `include_usage`
-    carries no usage, and a stream cut short never reaches its final figures. Why the edge
-    counts rather than asking the upstream for usage: `edge.proxy.usage`."""
+    carries no usage (llama.cpp's alone still carries its `timings`, which `figures` read
+    first), and a stream cut short never reaches its final figures. Why the edge counts
+    rather than asking the upstream for usage: `edge.proxy.usage`."""
     if figures.tokens is not None:
         return figures
     prompt = figures.prompt_tokens
