@@ -11,6 +11,7 @@ upstream's side of the edge. Serving it is `simulator.serve`'s job.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -25,7 +26,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field
 
-from simulator import gojson, wire
+from simulator import formats, gojson, wire
 from simulator import models as catalogue
 
 KEEP_ALIVE_S = 300.0  # Ollama's OLLAMA_KEEP_ALIVE default (5m): how long a model stays in /api/ps
@@ -153,8 +154,9 @@ class _Generation:
     """
 
     def __init__(self, settings: SimulatorSettings, job: wire.Job, arrived_ns: int) -> None:
-        cut = 0 < job.limit < settings.reply_tokens
-        self.tokens = wire.reply(job.limit if cut else settings.reply_tokens)
+        whole = formats.tokens(job.format, settings.reply_tokens)
+        cut = 0 < job.limit < len(whole)
+        self.tokens = whole[: job.limit] if cut else whole
         self.reason = "length" if cut else "stop"
         self._job, self._settings = job, settings
         self.arrived = self.scheduled = self.prefilled = self.decoded = arrived_ns
@@ -239,6 +241,7 @@ async def _native(request: web.Request, chat: bool) -> web.StreamResponse:
     keep_alive = wire.keep_alive_s(body.get("keep_alive"), KEEP_ALIVE_S)
     if not content:
         return await _load(state, job, wire.NativeReply(job), keep_alive)
+    job = dataclasses.replace(job, format=formats.native(body.get("format")))
     return await _generate(request, state, job, wire.NativeReply(job), keep_alive)
 
 
@@ -252,7 +255,8 @@ async def _openai(request: web.Request, chat: bool) -> web.StreamResponse:
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     # Ollama reads `max_tokens` only; `max_completion_tokens` is ignored (ollama/ollama#7125).
     limit = body.get("max_tokens") or 0
-    job = wire.Job(model, chat, body.get("stream") is True, wire.words(content), limit)
+    fmt = formats.native(formats.openai(body.get("response_format")))  # chat only: None here
+    job = wire.Job(model, chat, body.get("stream") is True, wire.words(content), limit, fmt)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{next(state.ids) % 999}"
     reply = wire.OpenAIReply(job, ident, int(time.time()), include_usage)
     if not content:

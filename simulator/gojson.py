@@ -83,6 +83,11 @@ _OPENAI_MESSAGE = Struct(
     {"role": STRING, "content": ANY, "reasoning": STRING, "tool_calls": Slice(ANY), "name": STRING},
 )
 _STREAM_OPTIONS = Struct("StreamOptions", {"include_usage": BOOL}, pointer=True)
+_RESPONSE_FORMAT = Struct(
+    "ResponseFormat",
+    {"type": STRING, "json_schema": Struct("JsonSchema", {"schema": ANY}, pointer=True)},
+    pointer=True,
+)
 _NATIVE = {
     "model": STRING,
     "stream": PBOOL,
@@ -156,7 +161,12 @@ STRUCTS: dict[str, Struct] = {
     ),
     "/v1/chat/completions": Struct(
         "ChatCompletionRequest",
-        {**_OPENAI, "messages": Slice(_OPENAI_MESSAGE), "tools": Slice(ANY)},
+        {
+            **_OPENAI,
+            "messages": Slice(_OPENAI_MESSAGE),
+            "tools": Slice(ANY),
+            "response_format": _RESPONSE_FORMAT,
+        },
     ),
     # Ollama's `prompt` is a string; `any` here, as llama.cpp and vLLM take lists too.
     "/v1/completions": Struct("CompletionRequest", {**_OPENAI, "prompt": ANY, "suffix": STRING}),

@@ -217,6 +217,7 @@ class Job:
     stream: bool
     prompt_tokens: int
     limit: int  # num_predict / max_tokens; <= 0 means no limit, as in Ollama's runner
+    format: Any = None  # JSON mode: "json" or a schema (`simulator.formats`); None: free text
 
 
 class Reply(Protocol):

@@ -41,7 +41,9 @@ SCATTER = {
 
 @asynccontextmanager
 async def json_model(content: str) -> AsyncIterator[tuple[str, list[Any]]]:
-    """A model server whose every chat answer is `content`; yields its URL and the bodies seen."""
+    """A model server whose every chat answer is `content`, whatever `format` asks (answers a
+    model's grammar rules out; the simulator gives the ones it allows); yields its URL and the
+    bodies seen."""
     seen: list[Any] = []
 
     async def version(request: web.Request) -> web.Response:
@@ -71,11 +73,10 @@ async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
     tmp_path: Path, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ):
     secrets = write_keys(tmp_path / "keys.json", other={})
-    answer = '{"points": [[1, 2], [3.5, 4]]}'
     with captured_logs() as logs:
         async with (
-            json_model(answer) as (url, seen),
-            edge(url, tmp_path, **keyed(tmp_path, features={"scatter": SCATTER})) as e,
+            simulator() as sim,
+            edge(sim.url, tmp_path, **keyed(tmp_path, features={"scatter": SCATTER})) as e,
         ):
             allowed = await assert_preflight(http, f"{e.url}/features/scatter", ORIGIN)
             assert allowed["Access-Control-Allow-Methods"] == "POST, OPTIONS"
@@ -84,15 +85,16 @@ async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
                 f"{e.url}/features/scatter", json={"input": "a rising line"}, headers=headers
             ) as r:
                 assert r.status == 200
-                assert await r.json() == {"output": {"points": [[1, 2], [3.5, 4]]}}
+                # The simulator honours `format`: the smallest instance of the schema.
+                assert await r.json() == {"output": {"points": [[0, 0]]}}
                 assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
                 exposed = r.headers["Access-Control-Expose-Headers"]
                 for name in ("X-Tok-Per-S", "X-Gen-Time", "X-Tokens", "RateLimit-Remaining"):
                     assert name in exposed
-                assert r.headers["X-Tokens"] == "5" and float(r.headers["X-Tok-Per-S"]) == 50.0
+                assert r.headers["X-Tokens"] == "7" and float(r.headers["X-Tok-Per-S"]) > 0
                 assert r.headers["RateLimit-Limit"] == "30"  # the anonymous default per address
             # The browser chose nothing but the input: everything else is the feature's.
-            [body] = seen
+            [body] = [s.body for s in sim.stats.requests if s.path == "/api/chat"]
             assert body["model"] == "llama3.2:1b" and body["stream"] is False
             assert body["messages"] == [
                 {"role": "system", "content": SCATTER["system"]},
@@ -104,8 +106,8 @@ async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
             record = await e.record("f1")
             assert record["feature"] == "scatter" and record["route"] == "/features/scatter"
             assert record["model"] == "llama3.2:1b" and record["key"] is None
-            assert record["status"] == 200 and record["tokens"] == 5
-            assert record["prompt_tokens"] == 7
+            assert record["status"] == 200 and record["tokens"] == 7  # {" points ":[[ 0 , 0 ]]}
+            assert record["prompt_tokens"] == 6 + 5  # words, the simulator's token count
             # The same call with a key is counted against the key.
             headers = {**bearer(secrets["other"]), "X-Request-Id": "f2"}
             async with http.post(
@@ -120,7 +122,6 @@ async def test_cross_origin_anonymous_call_with_a_checked_json_answer(
     ("content", "problem"),
     [
         ('{"points": [[1, 2], [3]]}', "does not match the schema"),
-        ('{"points": [[1, 2]', "not valid JSON"),
         ("Sure! Here are your points.", "not valid JSON"),
     ],
 )
@@ -146,6 +147,23 @@ async def test_an_answer_that_breaks_the_schema_is_502(
             assert [x["feature"] for x in logs if x["event"] == "feature.invalid_output"] == [
                 "scatter"
             ]
+
+
+async def test_an_answer_cut_at_the_output_cap_is_502(tmp_path: Path, http: aiohttp.ClientSession):
+    # Ollama's `format` constrains every token, but the cap still cuts the JSON short.
+    features = {"scatter": {**SCATTER, "max_tokens": 4}}
+    async with (
+        simulator() as sim,
+        edge(sim.url, tmp_path, **keyed(tmp_path, features=features)) as e,
+    ):
+        headers = {"Origin": ORIGIN, "X-Request-Id": "cut"}
+        async with http.post(
+            f"{e.url}/features/scatter", json={"input": "x"}, headers=headers
+        ) as r:
+            assert r.status == 502
+            error = (await r.json())["error"]
+        assert error["type"] == "invalid_model_output" and "not valid JSON" in error["message"]
+        assert (await e.record("cut"))["tokens"] == 4, "the tokens spent are still counted"
 
 
 async def test_keyed_feature_streams_and_checks_the_keys_models(

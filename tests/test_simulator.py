@@ -1,4 +1,5 @@
-"""The Ollama simulator, driven by real clients: the ollama and openai SDKs, and raw aiohttp.
+"""The Ollama simulator, driven by real clients: the ollama and openai SDKs, and raw aiohttp
+(JSON mode through the edge too).
 
 Every test runs a real server on 127.0.0.1 port 0. Timing checks compare the simulator's own
 figures and arrival times with each other and use only lower bounds from sleeps (a sleep never
@@ -13,16 +14,19 @@ import math
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import ollama
 import openai
+import pydantic
 import pytest
 
-from simulator import gojson
+from simulator import formats, gojson, wire
 from simulator.app import BUSY
 from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
+from tests.support.servers import edge, simulator
 
 LIMIT_S = 10.0  # bound on every wait; the whole file takes a few seconds
 FAST = SimulatorSettings(reply_tokens=5)
@@ -390,3 +394,195 @@ async def test_the_simulator_acts_on_its_go_reading(
         "stream": False,
         "options": {"num_predict": 2, "temperature": 1},
     }
+
+
+# JSON mode (`format`, `response_format`): the schemas below cover the subset `simulator.formats`
+# instantiates; each answer is checked with jsonschema, as a client of a real model would.
+POINTS = {
+    "type": "object",
+    "properties": {
+        "points": {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+        },
+        "note": {"type": "string"},
+    },
+    "required": ["points"],
+}
+POINTS_TEXT = '{"points":[[0,0]]}'  # its instance, as the simulator writes it
+GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
+SCHEMAS: list[dict[str, Any]] = [
+    POINTS,
+    {},
+    {"type": "array", "items": {"type": "integer", "minimum": 3}, "minItems": 2},
+    {
+        "$defs": {"Step": {"type": "object", "properties": {"why": {"type": "string"}}}},
+        "type": "object",
+        "properties": {
+            "steps": {"type": "array", "items": {"$ref": "#/$defs/Step"}, "maxItems": 3},
+            "kind": {"enum": ["a", "b"]},
+            "fixed": {"const": {"x": [1, None]}},
+            "either": {"anyOf": [{"type": "boolean"}, {"type": "string"}]},
+            "maybe": {"type": ["null", "integer"], "exclusiveMinimum": 7},
+            "low": {"type": "number", "exclusiveMaximum": -2},
+            "short": {"type": "string", "minLength": 9, "maxLength": 9},
+            "none": {"type": "null"},
+        },
+        "required": ["steps", "kind", "fixed", "either", "maybe", "low", "short", "none"],
+        "additionalProperties": False,
+    },
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_a_schema_s_answer_is_an_instance_of_it(schema: dict[str, Any]) -> None:
+    import jsonschema
+
+    text = "".join(formats.tokens(schema, 5))
+    jsonschema.validate(json.loads(text), schema)
+    assert "".join(formats.tokens(schema, 5)) == text  # deterministic
+
+
+def test_format_is_read_as_ollama_reads_it() -> None:
+    assert formats.native(None) is None and formats.native("") is None
+    assert formats.native("json") == formats.JSON and formats.native({}) == {}
+    for bad, shown in (("JSON", '"\\"JSON\\""'), ([1], '"[1]"')):
+        with pytest.raises(wire.WireError) as refused:
+            formats.native(bad)
+        assert (refused.value.status, refused.value.message) == (
+            500,
+            f'invalid format: {shown}; expected "json" or a valid JSON Schema object',
+        )
+    assert formats.openai({"type": " JSON_Object"}) == formats.JSON
+    assert formats.openai({"type": "json_schema", "json_schema": {"schema": POINTS}}) == POINTS
+    for free in (
+        {"type": "text"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {}},
+    ):
+        assert formats.openai(free) is None
+
+
+def _stream_text(lines: list[dict[str, Any]]) -> str:
+    return "".join(line["message"]["content"] for line in lines)
+
+
+async def test_native_json_mode_streams_a_json_answer_token_by_token(
+    sim: RunningSimulator, http: aiohttp.ClientSession
+) -> None:
+    messages = [{"role": "user", "content": "plot"}]
+    chat = {"model": "llama3.2:1b", "messages": messages, "format": POINTS}
+    async with asyncio.timeout(LIMIT_S):
+        async with http.post(f"{sim.url}/api/chat", json=chat) as resp:
+            lines = [json.loads(line) async for line in resp.content]
+        client = ollama.AsyncClient(host=sim.url)
+        try:
+            whole = await client.generate(model="llama3.2:1b", prompt="hi", format="json")
+            cut = await client.chat(
+                model="llama3.2:1b",
+                messages=messages,
+                format=POINTS,
+                options={"num_predict": 4},
+            )
+        finally:
+            await client.close()  # type: ignore[no-untyped-call]  # unannotated in ollama 0.6.3
+        refused = await _post(http, f"{sim.url}/api/generate", {**GEN, "format": "xml"})
+        # A load request generates nothing: Ollama never reads its format.
+        loaded = await _post(http, f"{sim.url}/api/generate", {"model": "llama3.2:1b", "format": 1})
+    final = lines[-1]
+    assert final["done_reason"] == "stop" and final["eval_count"] == len(lines) - 1 > 3
+    assert _stream_text(lines) == POINTS_TEXT
+    assert json.loads(whole.response or "") == {
+        "reply": "The quick brown fox jumps"
+    }  # reply_tokens
+    assert (cut.done_reason, cut.eval_count) == ("length", 4)
+    assert cut.message.content == '{"points":[[0'
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut.message.content or "")  # cut by the cap, as a real model's answer would be
+    assert refused[0] == 500 and refused[1]["error"].startswith("invalid format:")
+    assert loaded[0] == 200 and loaded[1]["done_reason"] == "load"
+
+
+class Plot(pydantic.BaseModel):
+    """What `chat.completions.parse` turns into a strict `json_schema` response format."""
+
+    title: str
+    points: list[tuple[float, float]]
+    closed: bool
+
+
+async def test_openai_response_format_is_honoured(sim: RunningSimulator) -> None:
+    messages: Any = [{"role": "user", "content": "plot it"}]
+    schema: Any = {"type": "json_schema", "json_schema": {"name": "points", "schema": POINTS}}
+    async with openai.AsyncOpenAI(base_url=f"{sim.url}/v1", api_key="x", max_retries=0) as client:
+        async with asyncio.timeout(LIMIT_S):
+            as_object = await client.chat.completions.create(
+                model="llama3.2:1b", messages=messages, response_format={"type": "json_object"}
+            )
+            stream = await client.chat.completions.create(
+                model="llama3.2:1b", messages=messages, response_format=schema, stream=True
+            )
+            chunks = [c async for c in stream]
+            parsed = await client.chat.completions.parse(
+                model="llama3.2:1b", messages=messages, response_format=Plot
+            )
+            cut = await client.chat.completions.create(
+                model="llama3.2:1b", messages=messages, response_format=schema, max_tokens=3
+            )
+            text = await client.chat.completions.create(
+                model="llama3.2:1b", messages=messages, response_format={"type": "text"}
+            )
+            bad: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}
+            with pytest.raises(openai.InternalServerError) as refused:
+                await client.chat.completions.create(
+                    model="llama3.2:1b", messages=messages, response_format=bad
+                )
+    assert json.loads(as_object.choices[0].message.content or "") == {
+        "reply": "The quick brown fox jumps"
+    }
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3 and "".join(pieces) == POINTS_TEXT
+    assert parsed.choices[0].message.parsed == Plot(title="The", points=[(0, 0)], closed=True)
+    assert cut.choices[0].finish_reason == "length" and cut.usage is not None
+    assert (cut.choices[0].message.content, cut.usage.completion_tokens) == ('{"points":[[', 3)
+    assert text.choices[0].message.content == "The quick brown fox jumps"
+    assert refused.value.body == {
+        "message": 'invalid format: "[1]"; expected "json" or a valid JSON Schema object',
+        "type": "api_error",
+        "param": None,
+        "code": None,
+    }
+    [seen, *_] = [r for r in sim.stats.requests if r.path == "/v1/chat/completions"]
+    assert seen.decoded is not None and seen.decoded["response_format"] == {"type": "json_object"}
+
+
+async def test_json_mode_through_the_edge(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    import jsonschema
+
+    messages: Any = [{"role": "user", "content": "plot it"}]
+    schema: Any = {"type": "json_schema", "json_schema": {"name": "points", "schema": POINTS}}
+    async with simulator(reply_tokens=5) as sim, edge(sim.url, tmp_path) as e:
+        async with openai.AsyncOpenAI(base_url=f"{e.url}/v1", api_key="x", max_retries=0) as client:
+            async with asyncio.timeout(LIMIT_S):
+                as_object = await client.chat.completions.create(
+                    model="llama3.2:1b", messages=messages, response_format={"type": "json_object"}
+                )
+                stream = await client.chat.completions.create(
+                    model="llama3.2:1b",
+                    messages=messages,
+                    response_format=schema,
+                    stream=True,
+                    extra_headers={"X-Request-Id": "j1"},
+                )
+                pieces = [c.choices[0].delta.content async for c in stream if c.choices]
+        body = {"model": "llama3.2:1b", "messages": messages, "format": POINTS, "stream": False}
+        async with asyncio.timeout(LIMIT_S):
+            status, native = await _post(http, f"{e.url}/api/chat", body)
+        record = await e.record("j1")
+    assert isinstance(json.loads(as_object.choices[0].message.content or ""), dict)
+    jsonschema.validate(json.loads("".join(p or "" for p in pieces)), POINTS)
+    assert status == 200 and native["done_reason"] == "stop"
+    jsonschema.validate(json.loads(native["message"]["content"]), POINTS)
+    assert record["status"] == 200 and record["tokens"] == len(formats.tokens(POINTS, 5))
