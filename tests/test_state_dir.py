@@ -28,7 +28,8 @@ def _is_path(annotation: Any) -> bool:
 EDGE_FILES = [
     name
     for name, field in EdgeSettings.model_fields.items()
-    if _is_path(field.annotation) and name != "state_dir"
+    # The model server's API key file is the operator's input, unset by default: not kept.
+    if _is_path(field.annotation) and name not in ("state_dir", "upstream_api_key_file")
 ]
 
 
