@@ -13,6 +13,7 @@ paths under `/v1` need the key, refused with `{"error": "Unauthorized"}`; FastAP
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from edge.upstreams.base import State
 from shared.errors import ConfigError
 from tests.support.keyfiles import assert_no_secret, bearer, captured_logs, keyed, write_keys
 from tests.support.servers import edge, serving
@@ -333,3 +335,48 @@ async def test_an_unusable_key_file_stops_the_edge_at_start(tmp_path: Path, cont
     with pytest.raises(ConfigError, match="BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE"):
         async with edge("http://127.0.0.1:9", tmp_path, upstream_api_key_file=key_file):
             pass
+
+
+async def test_a_feature_speaks_openai_to_a_server_without_ollamas_api(
+    tmp_path: Path, http: aiohttp.ClientSession
+):
+    """On llama.cpp or vLLM a feature calls /v1/chat/completions, the schema as
+    `response_format` and the cap as `max_tokens`, and reads the OpenAI answer; streaming it
+    (Ollama's NDJSON) is refused with what to do instead."""
+    app, seen = llama_server()
+    bodies: list[dict[str, Any]] = []
+
+    @web.middleware
+    async def keep(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST":
+            bodies.append(await request.json())
+        return await handler(request)
+
+    app.middlewares.append(keep)
+    schema = {"type": "string"}
+    feature = {"model": "SmolLM2", "prompt": "Say: {input}", "max_tokens": 8, "seed": 7}
+    checked = {**feature, "json_schema": schema}
+    async with (
+        serving(app) as url,
+        edge(url, tmp_path, features={"say": feature, "checked": checked}) as e,
+    ):
+        async with asyncio.timeout(5):
+            await e.edge.upstream.monitor.wait_state(State.UP)
+        async with http.post(f"{e.url}/features/say", json={"input": "hi"}) as r:
+            assert r.status == 200
+            assert await r.json() == {"output": "Hello"}
+        async with http.post(f"{e.url}/features/checked", json={"input": "hi"}) as r:
+            assert r.status == 502  # "Hello" is no JSON string: checked, as on Ollama
+            assert (await r.json())["error"]["type"] == "invalid_model_output"
+        async with http.post(f"{e.url}/features/say?stream=1", json={"input": "hi"}) as r:
+            assert r.status == 404
+            error = (await r.json())["error"]
+            assert error["type"] == "not_supported" and "without ?stream=1" in error["message"]
+    assert [p for m, p, _ in seen if m == "POST"] == ["/v1/chat/completions"] * 2
+    plain, with_schema = bodies
+    assert plain["max_tokens"] == 8 and plain["seed"] == 7 and plain["stream"] is False
+    assert plain["messages"] == [{"role": "user", "content": "Say: hi"}]
+    assert with_schema["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "checked", "schema": schema},
+    }

@@ -11,16 +11,23 @@ import orjson
 import structlog
 from aiohttp import web
 
-from edge.errors import InvalidModelOutput, InvalidRequest, NotFound, PayloadTooLarge
+from edge.errors import (
+    InvalidModelOutput,
+    InvalidRequest,
+    NotFound,
+    NotSupported,
+    PayloadTooLarge,
+)
 from edge.exchange import EXCHANGE, Exchange
 from edge.proxy import handler as proxy
-from edge.proxy.features import FEATURE, Feature, chat_body
+from edge.proxy.features import FEATURE, Feature, chat_body, openai_chat_body
 from edge.routes import BY_PATH
 from edge.services import EDGE
 
 log = structlog.get_logger(__name__)
 
 CHAT = BY_PATH["/api/chat"]
+OPENAI_CHAT = BY_PATH["/v1/chat/completions"]
 # Bytes of request body per character of input allowed: JSON may escape a character as
 # `\uXXXX` (6 bytes); plus room for the braces and the key.
 _BYTES_PER_CHAR = 6
@@ -41,16 +48,26 @@ async def handle(request: web.Request) -> web.StreamResponse:
             f"feature '{feature.name}' answers checked JSON, which cannot be streamed; "
             "call it without ?stream=1"
         )
-    text = await _read_input(request, ex, feature)
     edge = request.app[EDGE]
-    body = chat_body(feature, text, stream, edge.settings.max_output_tokens)
-    ex.route = CHAT
+    openai = edge.upstream.monitor.openai_only
+    if stream and openai:
+        raise NotSupported(
+            f"feature '{feature.name}' streams Ollama's NDJSON, and this model server is "
+            "OpenAI-compatible only: call it without ?stream=1"
+        )
+    text = await _read_input(request, ex, feature)
+    cap = edge.settings.max_output_tokens
+    if openai:
+        route, body = OPENAI_CHAT, openai_chat_body(feature, text, cap)
+    else:
+        route, body = CHAT, chat_body(feature, text, stream, cap)
+    ex.route = route
     ex.record.model, ex.record.stream = feature.model, stream
     ex.record.prompt_chars = sum(len(m["content"]) for m in body["messages"])
-    response = await proxy.forward(request, edge, ex, CHAT, orjson.dumps(body))
+    response = await proxy.forward(request, edge, ex, route, orjson.dumps(body))
     if stream or not isinstance(response, web.Response) or response.status != 200:
         return response
-    return _answer(ex, feature, response)
+    return _answer(ex, feature, response, openai)
 
 
 async def _read_input(request: web.Request, ex: Exchange, feature: Feature) -> str:
@@ -81,11 +98,13 @@ async def _read_input(request: web.Request, ex: Exchange, feature: Feature) -> s
     return text
 
 
-def _answer(ex: Exchange, feature: Feature, response: web.Response) -> web.Response:
+def _answer(ex: Exchange, feature: Feature, response: web.Response, openai: bool) -> web.Response:
     assert isinstance(response.body, bytes)
     try:
-        content = orjson.loads(response.body)["message"]["content"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        answer = orjson.loads(response.body)
+        message = answer["choices"][0]["message"] if openai else answer["message"]
+        content = message["content"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         content = None
     if not isinstance(content, str):
         raise InvalidModelOutput("the model server's answer has no message")

@@ -77,6 +77,28 @@ def build_features(settings: EdgeSettings) -> dict[str, Feature]:
     return features
 
 
+def openai_chat_body(feature: Feature, text: str, max_output_tokens: int) -> dict[str, Any]:
+    """The same call as `chat_body` for `/v1/chat/completions`, for a model server without
+    Ollama's API (llama.cpp, vLLM): the schema as `response_format`, the cap as `max_tokens`."""
+    native = chat_body(feature, text, False, max_output_tokens)
+    options = native["options"]
+    body: dict[str, Any] = {
+        "model": native["model"],
+        "messages": native["messages"],
+        "stream": False,
+        "max_tokens": options["num_predict"],
+    }
+    for name in ("temperature", "seed"):
+        if name in options:
+            body[name] = options[name]
+    if feature.config.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": feature.name, "schema": feature.config.json_schema},
+        }
+    return body
+
+
 def chat_body(feature: Feature, text: str, stream: bool, max_output_tokens: int) -> dict[str, Any]:
     """The `/api/chat` body for one call: everything pinned, the input in the user message."""
     config = feature.config

@@ -73,6 +73,9 @@ class UpstreamMonitor:
         self._agent_present: bool | None = None
         # Times the agent became reachable (the metrics' connects and reconnects).
         self.agent_connects = 0
+        # The model server has no Ollama API (`/api/version` answered 404: llama.cpp, vLLM), as
+        # the last probe found; False until a probe says so.
+        self.openai_only = False
         self._connected = False
         self._waiting: set[asyncio.Timeout] = set()
         self._wake = asyncio.Event()
@@ -196,6 +199,7 @@ class UpstreamMonitor:
         """
         try:
             status = await self._ask(session, self._url)
+            self.openai_only = status == 404
             if status == 404:
                 status = await self._ask(session, self._models_url)
             self._set(classify_answer(status), f"probe answered {status}")
