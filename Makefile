@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv test lint typecheck unit demo bench docs clean
+.PHONY: all venv test lint typecheck unit demo bench docs llama clean
 
 all: test
 
@@ -38,6 +38,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.tunnel_bench
 	$(BIN)/python -m bench.stats_bench
 	$(BIN)/python -m bench.flood_bench
+
+# llama.cpp's llama-server and SmolLM2-135M for the real-model tier (tests/test_llama.py), built
+# once into ~/.cache/backhaul (about 8 minutes on two cores; seconds when cached).
+llama: $(STAMP)
+	$(BIN)/python -m scripts.llama ensure
 
 # docs/configuration.md is generated from the settings classes (tests/test_docs.py checks it).
 docs: $(STAMP)
