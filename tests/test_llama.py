@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -147,3 +148,76 @@ async def test_mixed_requests_lose_none(llama: str, tmp_path: Path):
         await asyncio.gather(*(worker(n) for n in range(concurrency)))
         records = await e.records()
         assert [r["status"] for r in records] == [200] * count
+
+
+async def test_figures_are_llamas_own_and_ollama_routes_say_what_to_use(llama: str, tmp_path: Path):
+    """A buffered answer's speed is llama.cpp's `predicted_per_second`, not its tokens over
+    the whole upstream time; a stream's clock starts at its first token; an Ollama route on
+    this OpenAI-only server is a 404 naming the /v1 route."""
+    async with (
+        pair_in_front(llama, tmp_path, max_output_tokens=CAP) as e,
+        client(e.url) as sdk,
+    ):
+        raw = await sdk.chat.completions.with_raw_response.create(model=MODEL, messages=LONG)
+        reply = raw.parse()
+        own = timings(reply)
+        assert float(raw.headers["X-Tok-Per-S"]) == pytest.approx(
+            own["predicted_per_second"], rel=0.01
+        )
+        stream = await sdk.chat.completions.create(model=MODEL, messages=LONG, stream=True)
+        async for _ in stream:
+            pass
+        async with aiohttp.ClientSession() as http:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(f"{e.url}/api/chat", json=body) as r:
+                assert r.status == 404
+                answer = await r.json()
+        assert answer["type"] == "not_supported" and "/v1/chat/completions" in answer["error"]
+        buffered, streamed = [r for r in await e.records() if r["route"] != "/api/chat"]
+        assert buffered["speed_source"] == "server"
+        assert buffered["gen_ms"] == pytest.approx(own["predicted_ms"], rel=0.01)
+        assert streamed["ttft_ms"] is not None and 0 < streamed["ttft_ms"] <= streamed["elapsed_ms"]
+
+
+async def test_json_mode_and_a_client_gone_stops_generation(llama: str, tmp_path: Path):
+    """`response_format` reaches llama.cpp's grammar (the answer parses), and a client that
+    leaves mid-stream frees the slot: llama-server's own /slots shows none still processing
+    within 3 s, where the answer it left (2,048 tokens: `ignore_eos`, let through by
+    `extra_fields`) would take tens of seconds more to finish on its own (SmolLM2 writes
+    about 45 tokens a second here)."""
+    async with (
+        pair_in_front(llama, tmp_path, max_output_tokens=2048, extra_fields=["ignore_eos"]) as e,
+        client(e.url) as sdk,
+    ):
+        reply = await sdk.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Reply with a JSON object with key a."}],
+            response_format={"type": "json_object"},
+            max_tokens=64,
+        )
+        content = reply.choices[0].message.content or ""
+        if reply.choices[0].finish_reason == "stop":  # not cut by the cap: whole JSON
+            assert isinstance(orjson.loads(content), dict)
+        else:
+            assert content.lstrip().startswith("{")
+        stream = await sdk.chat.completions.create(
+            model=MODEL,
+            messages=LONG,
+            stream=True,
+            max_tokens=2048,
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break  # the first token: leave
+        await stream.close()
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(3):
+                while True:
+                    async with http.get(f"{llama}/slots") as r:
+                        slots = await r.json()
+                    if not any(slot.get("is_processing") for slot in slots):
+                        break
+                    await asyncio.sleep(0.1)  # llama.cpp has no event to wait on
+        left = [r for r in await e.records() if r["stream"]]
+        assert [r["outcome"] for r in left] == ["client_gone"]
