@@ -31,6 +31,7 @@ import structlog
 
 from agent.settings import AgentSettings
 from agent.status import StatusBoard
+from shared.secrets import read_key_file
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +39,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 # Seconds a warm-up may take: loading a large model from disk into VRAM can take minutes.
 _WARM_TIMEOUT_S = 600.0
+API_KEY_SETTING = "BACKHAUL_AGENT_UPSTREAM_API_KEY_FILE"
 
 
 class ModelServer:
@@ -51,7 +53,12 @@ class ModelServer:
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Error handling: raises `ConfigError` when `upstream_api_key_file` is set and cannot
+        be used."""
         self._settings = settings
+        key = read_key_file(settings.upstream_api_key_file, API_KEY_SETTING)
+        # The model server's own key, if it has one: on every probe and warm-up.
+        self._headers = {} if key is None else {"Authorization": f"Bearer {key.get_secret_value()}"}
         self._board = board or StatusBoard(None)
         self._sleep = sleep
         self._clock = clock
@@ -88,7 +95,9 @@ class ModelServer:
         warm-up task at a time.
         """
         async with (
-            aiohttp.ClientSession(skip_auto_headers=("User-Agent",)) as session,
+            aiohttp.ClientSession(
+                skip_auto_headers=("User-Agent",), headers=self._headers
+            ) as session,
             asyncio.TaskGroup() as tg,
         ):
             while True:

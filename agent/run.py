@@ -17,7 +17,7 @@ import structlog
 
 from agent import ssh
 from agent.metrics import run_metrics
-from agent.model_server import ModelServer
+from agent.model_server import API_KEY_SETTING, ModelServer
 from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, StatusBoard
 from agent.tunnel import Tunnel
@@ -25,6 +25,7 @@ from shared import runtime
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.notify import Notifier, SystemdEnv
+from shared.secrets import read_key_file
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         # Fail at start, not at the first connect, on what only the operator can fix.
         ssh.load_client_key(settings)
         ssh.load_known_hosts(settings)
+        read_key_file(settings.upstream_api_key_file, API_KEY_SETTING)
     except ConfigError as exc:
         print(f"backhaul-agent: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,9 @@ class AgentSettings(BackhaulSettings):
     remote_bind: str = f"127.0.0.1:{TUNNEL_PORT}"
     # The local model server the forward ends at.
     upstream: str = "http://127.0.0.1:11434"  # Ollama's own port, on the workstation
+    # A file holding the model server's own API key (vLLM's or llama.cpp's `--api-key`), sent as
+    # `Authorization: Bearer` on the agent's probe and warm-up; read at start, never logged.
+    upstream_api_key_file: Path | None = None
 
     # Dead-peer detection: interval x (count_max + 1) seconds of silence ends the connection.
     keepalive_interval: float = Field(10.0, gt=0)

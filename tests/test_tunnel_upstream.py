@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from agent.model_server import ModelServer
 from agent.settings import AgentSettings
 from agent.status import StatusBoard
+from shared.errors import ConfigError
 from shared.notify import Notifier
 from simulator.serve import SimulatorSettings, running_simulator
 from tests.support.servers import free_port, serving
@@ -147,3 +150,51 @@ async def test_notifier_speaks_the_sd_notify_datagram_protocol(tmp_path: Path):
     assert outside.send("READY=1") is False
     assert outside.watchdog_interval is None
     assert Notifier("/x", watchdog_usec=100_000, watchdog_pid=1).watchdog_interval is None
+
+
+async def test_a_model_server_with_its_own_key_is_probed_and_warmed_with_it(tmp_path: Path):
+    """vLLM started with `--api-key` refuses the agent's probe and warm-up without it (and
+    checks it only under /v1); with `upstream_api_key_file` both carry it."""
+    seen: list[tuple[str, str | None]] = []
+
+    @web.middleware
+    async def vllm(request: web.Request, handler: Handler) -> web.StreamResponse:
+        seen.append((request.path, request.headers.get("Authorization")))
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != "Bearer k1":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response({"choices": []})
+
+    app = web.Application(middlewares=[vllm])
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    key_file = tmp_path / "model-server.key"
+    key_file.write_text("k1\n")
+    async with serving(app) as url:
+        refused = ModelServer(settings_for(url, warm_models=[]))
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(refused.run())
+            async with asyncio.timeout(5):
+                await refused.wait_down()
+            task.cancel()
+        assert refused.reason is not None and "401" in refused.reason
+        keyed = ModelServer(settings_for(url, upstream_api_key_file=key_file))
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.TaskGroup() as tg:
+                task = tg.create_task(keyed.run())
+                async with asyncio.timeout(5):
+                    await keyed.wait_up()
+                task.cancel()
+    assert keyed.kind == "openai"
+    assert ("/v1/models", "Bearer k1") in seen
+    assert "k1" not in repr(logs)
+
+
+def test_an_unusable_key_file_stops_the_agent_at_start(tmp_path: Path):
+    with pytest.raises(ConfigError, match="BACKHAUL_AGENT_UPSTREAM_API_KEY_FILE"):
+        ModelServer(settings_for("http://127.0.0.1:9", upstream_api_key_file=tmp_path / "none"))

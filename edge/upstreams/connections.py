@@ -52,7 +52,7 @@ from pydantic import SecretStr
 
 from edge.record import RequestRecord
 from edge.settings import EdgeSettings
-from shared.errors import ConfigError
+from shared.secrets import read_key_file
 
 log = structlog.get_logger(__name__)
 
@@ -167,18 +167,7 @@ def read_api_key(path: Path | None) -> SecretStr | None:
     Error handling: raises `ConfigError` naming the file (never its content) when it cannot be
     read or holds no key: the edge would otherwise start and be refused on every request.
     """
-    if path is None:
-        return None
-    setting = "BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE"
-    try:
-        key = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({setting}): {exc.strerror}") from None
-    except UnicodeDecodeError:  # its message quotes a byte of the key: not chained, not said
-        raise ConfigError(f"{path} ({setting}) is not UTF-8 text") from None
-    if not key or any(c.isspace() for c in key):
-        raise ConfigError(f"{path} ({setting}) must hold one API key, without spaces")
-    return SecretStr(key)
+    return read_key_file(path, "BACKHAUL_EDGE_UPSTREAM_API_KEY_FILE")
 
 
 @asynccontextmanager
