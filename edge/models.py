@@ -28,11 +28,19 @@ GO_SPACE = (
     + "".join(map(chr, range(0x2000, 0x200B)))
     + "\u2028\u2029\u202f\u205f\u3000"
 )
-# Name parts compare with `strings.EqualFold` (Unicode simple folding): besides ASCII case only
-# KELVIN SIGN and LONG S fold to ASCII letters (every rune checked with Go's unicode.SimpleFold).
+# Go compares names folded: model name parts with `strings.EqualFold`, JSON keys with
+# encoding/json's `foldName`. Both are Unicode simple folding, and besides ASCII case only KELVIN
+# SIGN and LONG S fold to ASCII letters (every rune checked with Go's unicode.SimpleFold).
 _FOLD = str.maketrans(
     {**{chr(c): chr(c + 32) for c in range(65, 91)}, "\u212a": "k", "\u017f": "s"}
 )
+
+
+def go_fold(text: str) -> str:
+    """`text` as Go compares it with another folded name (a JSON key, a model name part)."""
+    return text.translate(_FOLD)
+
+
 _DEFAULT_HOST, _DEFAULT_NAMESPACE, _DEFAULT_TAG = "registry.ollama.ai", "library", "latest"
 _MISSING = "!missing!"
 

@@ -178,7 +178,8 @@ STRUCTS: dict[str, Struct] = {
 
 
 def fold(key: str) -> str:
-    """Go's `foldName` for the ASCII field names of Ollama's structs."""
+    """Go's `foldName` for the ASCII field names of Ollama's structs (and `strings.EqualFold`,
+    the same folding, for model names: simulator.models)."""
     return key.translate(_FOLD)
 
 

@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from simulator.gojson import fold
+
 DEFAULT_MODELS = ("llama3.2:1b", "qwen2.5:0.5b", "nomic-embed-text")
 
 
@@ -20,13 +22,9 @@ def canonical(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
-# Go's unicode.IsSpace (strings.TrimSpace), and encoding/json's and strings.EqualFold's folding
-# into ASCII: ASCII case, KELVIN SIGN, LONG S.
+# Go's unicode.IsSpace (strings.TrimSpace); names fold as strings.EqualFold does (gojson.fold).
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
 _GO_SPACE += "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-_FOLD = str.maketrans(
-    {**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}, "\u212a": "k", "\u017f": "s"}
-)
 
 
 def model_key(name: str) -> str:
@@ -37,7 +35,7 @@ def model_key(name: str) -> str:
     base, source = _source(name)
     if source == "local":
         name = base
-    key = canonical(name.translate(_FOLD))
+    key = canonical(fold(name))
     return key.removeprefix("registry.ollama.ai/").removeprefix("library/")
 
 
@@ -48,7 +46,7 @@ def is_cloud(name: str) -> bool:
 
 def _source(name: str) -> tuple[str, str | None]:
     head, colon, tail = name.rpartition(":")
-    suffix = tail.strip(_GO_SPACE).translate(_FOLD)
+    suffix = fold(tail.strip(_GO_SPACE))
     if colon and suffix in ("cloud", "local"):
         return head, suffix
     if colon and "/" not in tail and suffix.endswith("-cloud"):

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edge.errors import Forbidden, InvalidRequest
-from edge.models import ModelPolicy
-from edge.proxy.body_policy import BodyPolicy, go_fold
+from edge.models import ModelPolicy, go_fold
+from edge.proxy.body_policy import BodyPolicy
 from edge.proxy.ollama import LOAD_TIME_OPTIONS
 from edge.routes import BY_PATH
 from edge.settings import EdgeSettings

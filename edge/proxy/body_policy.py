@@ -31,15 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge.errors import Forbidden, InvalidRequest
-from edge.models import GO_SPACE, ModelPolicy
+from edge.models import GO_SPACE, ModelPolicy, go_fold
 from edge.proxy.ollama import LOAD_TIME_OPTIONS
 from edge.routes import Kind, Route
 
-# Go's `foldName` (encoding/json): ASCII case, plus the only two non-ASCII runes whose simple
-# case folding reaches an ASCII letter (every rune checked with Go's unicode.SimpleFold).
-_GO_FOLD = str.maketrans(
-    {**{chr(c): chr(c + 32) for c in range(ord("A"), ord("Z") + 1)}, "\u212a": "k", "\u017f": "s"}
-)
 # Output-length fields: the client's ask is read from any of them, one is sent.
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "n_predict")
 # Never sent, at any level, whatever `extra_fields` says: they unload or reload the model,
@@ -50,11 +45,6 @@ NEVER = frozenset(
     {"keep_alive", "template", "raw", "context", "runner", "_debug_render_only", "n_cmpl"}
     | set(_OUTPUT_FIELDS)
 )
-
-
-def go_fold(key: str) -> str:
-    """`key` as Go's encoding/json compares it with a struct field's name."""
-    return key.translate(_GO_FOLD)
 
 
 @dataclass(frozen=True, slots=True)
