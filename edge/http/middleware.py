@@ -46,14 +46,14 @@ _PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+")
 async def exchange_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     edge = request.app[EDGE]
     path = request.raw_path.partition("?")[0]
-    clients = edge.clients
+    client, via_proxy = edge.clients.resolve(request)
     record = RequestRecord(
         id=request_id(request.headers.get("X-Request-Id")),
         method=request.method,
         route=path[:256],
-        client=clients.of(request),
+        client=client,
     )
-    ex = Exchange(path=path, record=record, via_proxy=clients.is_proxy(request.remote))
+    ex = Exchange(path=path, record=record, via_proxy=via_proxy)
     request[EXCHANGE] = ex
     with structlog.contextvars.bound_contextvars(request_id=ex.id):
         try:

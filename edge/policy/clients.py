@@ -41,13 +41,18 @@ class ClientAddress:
         ip = _parse(address)
         return ip is not None and any(ip in net for net in self._trusted)
 
-    def of(self, request: web.Request) -> str | None:
-        """The client's address (`canonical_address`), or None when it is unknown."""
+    def resolve(self, request: web.Request) -> tuple[str | None, bool]:
+        """The client's address (`canonical_address`, None when it is unknown), and whether
+        the peer is a trusted proxy: both from one look at the peer, once per request."""
         peer = request.remote
         if peer is None:  # a Unix socket
-            return None
+            return None, False
         if not self.is_proxy(peer):
-            return canonical_address(peer)
+            return canonical_address(peer), False
+        return self._forwarded(request), True
+
+    def _forwarded(self, request: web.Request) -> str | None:
+        """The client a trusted proxy names in `X-Forwarded-For` (see the class doc)."""
         forwarded = request.headers.getall("X-Forwarded-For", [])
         hops = [hop.strip() for value in forwarded for hop in value.split(",") if hop.strip()]
         for hop in reversed(hops):
