@@ -12,6 +12,7 @@ the client's spelling. So `/api/../api/pull`, `/api/%2e%2e/api/pull`, `//api/pul
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -67,6 +68,20 @@ BY_PATH.update({alias: BY_PATH[path] for alias, path in ALIASES.items()})
 # filtered `/v1/models` list, so it holds on every server and never builds an upstream path from
 # what the client wrote.
 MODEL_PREFIX = "/v1/models/"
+# A path reaches routing only if it is plain: no encoding, no empty, `.` or `..` segment, no
+# trailing slash. Anything else is 404 before routing.
+_PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+")
+
+
+def routable(raw: str, decoded: str) -> bool:
+    """Whether a request's raw path (as the client wrote it; `decoded` as aiohttp read it) may
+    reach routing: a plain path, `/`, or a model id under `MODEL_PREFIX`, whose id is only ever
+    looked up in a list, never sent upstream."""
+    if raw.startswith(MODEL_PREFIX):
+        return len(raw) > len(MODEL_PREFIX)
+    return raw == "/" or (_PLAIN_PATH.fullmatch(raw) is not None and decoded == raw)
+
+
 # Routes real clients call that the edge does not serve, with what to use instead: a clear 404.
 UNSERVED: dict[str, str] = {
     "/v1/responses": (

@@ -1,6 +1,6 @@
 """The outermost middleware: one `Exchange` per request, one telemetry line, one error shape.
 
-It checks the raw path (only plain paths reach routing), answers CORS preflights, binds the
+It checks the raw path (`edge.routes.routable`), answers CORS preflights, binds the
 request id to every log event of the request (structlog's contextvars), renders every
 `EdgeError` in the route's own error shape, turns anything unexpected into a logged 500 with no
 traceback for the client, records a client that went away as `client_gone`, and writes exactly
@@ -11,7 +11,6 @@ one telemetry line per request (or, for anonymous refusals past their burst, cou
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -30,16 +29,13 @@ from edge.exchange import EXCHANGE, Exchange, request_id
 from edge.http import cors
 from edge.proxy.features import FEATURE, lookup
 from edge.record import RequestRecord
-from edge.routes import BY_PATH, MODEL_PREFIX, OPEN_PATHS, UNLOGGED_PATHS, UNSERVED
+from edge.routes import BY_PATH, OPEN_PATHS, UNLOGGED_PATHS, UNSERVED, routable
 from edge.services import EDGE
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# A path is proxied only if it is plain: no encoding, no empty, `.` or `..` segment, no
-# trailing slash. Anything else is 404 before routing (see edge.routes).
-_PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*)+")
 
 
 @web.middleware
@@ -106,9 +102,7 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     guard = edge.guard
     if path not in OPEN_PATHS:
         guard.check_ban(ex)
-    model_route = path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)
-    plain = path == "/" or (_PLAIN_PATH.fullmatch(path) is not None and request.path == path)
-    if not plain and not model_route:
+    if not routable(path, request.path):
         if hdrs.AUTHORIZATION not in request.headers:  # a scanner's `/.env`: counted past a burst
             guard.anonymous.note(ex, NotFound.type)
         raise NotFound("no such route")
