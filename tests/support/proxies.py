@@ -216,8 +216,15 @@ class Launch:
         return cls(kind, command, env, f"https://{SITE}:{port}", ca, directory / f"{kind}.log")
 
     def trust(self) -> ssl.SSLContext | None:
-        """A client context trusting the proxy's certificate, or None while there is none."""
-        return ssl.create_default_context(cafile=str(self.ca)) if self.ca.exists() else None
+        """A client context trusting the proxy's certificate, or None while there is none.
+
+        Caddy creates the file before it has written the certificate into it: a file that
+        holds no certificate yet is "none yet", not an error.
+        """
+        try:
+            return ssl.create_default_context(cafile=str(self.ca))
+        except (FileNotFoundError, ssl.SSLError):
+            return None
 
     def failed(self, why: str) -> AssertionError:
         return AssertionError(f"{self.kind} {why}; its log:\n{self.log.read_text()}")
