@@ -6,11 +6,11 @@ import sys
 from collections.abc import Sequence
 
 from edge import serve
+from edge.ops import agents, stats, tail
 from edge.ops import keys as keys_cli
-from edge.ops import stats, tail
 from shared import cli
 
-COMMANDS = (serve, stats, tail, keys_cli)
+COMMANDS = (serve, stats, tail, keys_cli, agents)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
