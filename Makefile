@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.tunnel_bench
 	$(BIN)/python -m bench.stats_bench
 	$(BIN)/python -m bench.flood_bench
+	$(BIN)/python -m bench.pool_bench
 
 # llama.cpp's llama-server and SmolLM2-135M for the real-model tier (tests/test_llama.py), built
 # once into ~/.cache/backhaul (about 8 minutes on two cores; seconds when cached).
