@@ -42,6 +42,7 @@ def create_app(edge: Edge) -> web.Application:
     app.router.add_get("/healthz", probes.healthz, allow_head=True)
     app.router.add_get("/readyz", probes.readyz, allow_head=True)
     app.router.add_get("/metrics", probes.metrics)
+    app.router.add_get("/agents", probes.agents)
     app.router.add_post(FEATURE_PREFIX + "{name}", feature_route.handle)
     if settings.demo_page:
         app.router.add_get("/demo", demo.page)

@@ -81,6 +81,12 @@ class NotFound(EdgeError):
     status, type = 404, "not_found"
 
 
+class ModelNotFound(EdgeError):
+    """No workstation in the pool has the model the request names."""
+
+    status, type = 404, "model_not_found"
+
+
 class NotSupported(EdgeError):
     """An allowlisted Ollama route the model server does not serve: llama.cpp and vLLM speak
     only OpenAI's API (the message names the `/v1` route to use instead)."""
@@ -147,6 +153,11 @@ class InvalidModelOutput(EdgeError):
 
 class AgentUnavailable(EdgeError):
     status, type = 503, "agent_unavailable"
+
+
+class ConnectionLost(AgentUnavailable):
+    """The agent's connection went while a request waited for its answer (a reconnect replaced
+    it, or its tunnel went silent): nothing timed out, and the pool may send it again."""
 
 
 class UpstreamBusy(EdgeError):

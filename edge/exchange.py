@@ -33,6 +33,8 @@ class Exchange:
     via_proxy: bool = False  # the peer is a trusted proxy: it is not the client (ClientAddress)
     # Counted in an aggregate instead of a telemetry line (edge.policy.guard).
     aggregated: bool = False
+    # The conversation it continues, for the pool's prompt-cache affinity (edge.upstreams.affinity).
+    conversation: str | None = None
 
     @property
     def id(self) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import ip_address
 from typing import Any
@@ -50,8 +51,7 @@ from edge.record import RequestRecord
 from edge.routes import BY_PATH, FEATURE_PREFIX, OWN_PATHS
 from edge.telemetry import TelemetryWriter
 from edge.upstreams.base import State
-from edge.upstreams.gate import Gate
-from edge.upstreams.monitor import UpstreamMonitor
+from edge.upstreams.pool import Pool
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,8 @@ _MAX_MODELS = 32
 _MAX_FEATURES = 64
 _MAX_KEYS = 256
 _MAX_REASONS = 32
+# Agents are named in the agent-keys file or edge.toml: a bound the operator sets, kept anyway.
+_MAX_AGENTS = 64
 # Headers a reverse proxy adds: a request carrying one came from outside, even from loopback.
 _FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 
@@ -103,8 +105,7 @@ class EdgeMetrics:
     def __init__(
         self,
         allowed_models: list[str],
-        gate: Gate,
-        monitor: UpstreamMonitor,
+        pool: Pool,
         telemetry: TelemetryWriter,
     ) -> None:
         self._allowed_models = frozenset(canonical_model(m) for m in allowed_models)
@@ -113,6 +114,7 @@ class EdgeMetrics:
         self._features = _Bounded(_MAX_FEATURES)
         self._keys = _Bounded(_MAX_KEYS)
         self._reasons = _Bounded(_MAX_REASONS)
+        self._agents = _Bounded(_MAX_AGENTS)
         self._failed = False
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -176,13 +178,25 @@ class EdgeMetrics:
             ["kind", "model", "key"],
             registry=r,
         )
+        self.agent_requests = Counter(
+            "backhaul_agent_requests",
+            "Requests sent to each workstation, by how they ended there (the status).",
+            ["agent", "status"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "backhaul_failovers",
+            "Requests sent to another workstation after one failed before any byte reached the "
+            "client.",
+            registry=r,
+        )
         self.upstream_retries = Counter(
             "backhaul_upstream_retries",
             "Requests resent on a new connection because a reused one to the model server was "
             "dead before any answer (a server that closes kept-alive connections).",
             registry=r,
         )
-        r.register(_LiveCollector(gate, monitor, telemetry))
+        r.register(_LiveCollector(pool, telemetry))
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request. Never raises: a failure is logged once, then skipped."""
@@ -217,6 +231,10 @@ class EdgeMetrics:
             child(self.tokens, "completion", model, key).inc(record.tokens)
         if record.upstream_retries:
             self.upstream_retries.inc(record.upstream_retries)
+        if record.agent is not None:
+            child(self.agent_requests, self._agents(record.agent), str(record.status)).inc()
+        if record.failovers:
+            self.failovers.inc(record.failovers)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, remembered: `labels()` validates and locks on every call,
@@ -246,51 +264,84 @@ class EdgeMetrics:
 
 
 class _LiveCollector(Collector):
-    """Gauges read from the live gate, upstream monitor and telemetry writer at scrape time."""
+    """Gauges read from the live pool (its gate, each agent) and telemetry writer at scrape
+    time."""
 
-    def __init__(self, gate: Gate, monitor: UpstreamMonitor, telemetry: TelemetryWriter) -> None:
-        self._gate, self._monitor, self._telemetry = gate, monitor, telemetry
+    def __init__(self, pool: Pool, telemetry: TelemetryWriter) -> None:
+        self._pool, self._telemetry = pool, telemetry
 
     def describe(self) -> Iterable[Metric]:
         return ()  # the families depend on live objects; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        gate = self._gate
+        pool = self._pool
+        agents = list(pool.agents.values())
         yield _gauge(
-            "backhaul_inflight_requests", "Requests holding a GPU slot now.", gate.inflight
+            "backhaul_inflight_requests", "Requests holding a GPU slot now.", pool.gate.inflight
         )
         yield _gauge(
-            "backhaul_queued_requests", "Requests waiting for a GPU slot now.", gate.queued
+            "backhaul_queued_requests",
+            "Requests waiting for a GPU slot now (the pool's one queue).",
+            pool.gate.queued,
         )
         yield _gauge(
-            "backhaul_gate_slots", "GPU slots (BACKHAUL_EDGE_MAX_INFLIGHT).", gate.max_inflight
+            "backhaul_gate_slots",
+            "GPU slots of the workstations connected (each BACKHAUL_EDGE_MAX_INFLIGHT, or its "
+            "own).",
+            sum(agent.capacity for agent in agents if agent.monitor.agent_connected),
         )
-        monitor = self._monitor
-        status = monitor.status
-        yield _gauge(
-            "backhaul_agent_connected",
-            "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
-            int(monitor.agent_connected),
-        )
+        per_agent = {
+            name: GaugeMetricFamily(name, doc, labels=["agent"])
+            for name, doc in (
+                (
+                    "backhaul_agent_connected",
+                    "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
+                ),
+                ("backhaul_agent_inflight_requests", "Requests holding one of its slots now."),
+                ("backhaul_agent_slots", "Its GPU slots (requests at once)."),
+                (
+                    "backhaul_agent_tokens_per_second",
+                    "Its decode-speed average over recent answers (0: no sample yet).",
+                ),
+                ("backhaul_agent_cooling", "1 while it cools down after failures in a row."),
+                ("backhaul_upstream_state_since_seconds", "Unix time of its state's last change."),
+            )
+        }
         reconnects = CounterMetricFamily(
             "backhaul_agent_reconnects",
-            "Times the agent's tunnel came back after the first connection.",
+            "Times the agent's tunnel came back after its first connection.",
+            labels=["agent"],
         )
-        reconnects.add_metric([], max(0, monitor.agent_connects - 1))
-        yield reconnects
+        tokens = CounterMetricFamily(
+            "backhaul_agent_tokens", "Tokens it generated.", labels=["agent"]
+        )
         states = GaugeMetricFamily(
             "backhaul_upstream_state",
-            "The model server as the edge sees it: 1 for the current state.",
-            labels=["state"],
+            "Each agent's model server as the edge sees it: 1 for the current state.",
+            labels=["agent", "state"],
         )
-        for state in State:
-            states.add_metric([state.value], int(state is status.state))
+        now = time.monotonic()
+        for agent in agents:
+            monitor, label = agent.monitor, [agent.name]
+            status = monitor.status
+            speed = 1.0 / agent.s_per_token if agent.s_per_token else 0.0
+            for name, value in (
+                ("backhaul_agent_connected", int(monitor.agent_connected)),
+                ("backhaul_agent_inflight_requests", agent.inflight),
+                ("backhaul_agent_slots", agent.capacity),
+                ("backhaul_agent_tokens_per_second", speed),
+                ("backhaul_agent_cooling", int(agent.cooling(now))),
+                ("backhaul_upstream_state_since_seconds", status.since),
+            ):
+                per_agent[name].add_metric(label, value)
+            reconnects.add_metric(label, max(0, monitor.agent_connects - 1))
+            tokens.add_metric(label, agent.tokens)
+            for state in State:
+                states.add_metric([agent.name, state.value], int(state is status.state))
+        yield from per_agent.values()
+        yield reconnects
+        yield tokens
         yield states
-        yield _gauge(
-            "backhaul_upstream_state_since_seconds",
-            "Unix time of the upstream state's last change.",
-            status.since,
-        )
         telemetry = self._telemetry
         lines = CounterMetricFamily(
             "backhaul_telemetry_lines",

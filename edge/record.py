@@ -39,7 +39,9 @@ class RequestRecord:
     outcome: str = "ok"  # ok, error, client_gone, upstream_broken
     stream: bool = False
     upstream: str | None = None
+    agent: str | None = None  # the workstation that answered (or failed last), by its name
     upstream_retries: int = 0  # resends on a new connection after a reused one was dead
+    failovers: int = 0  # other agents tried after one failed before any byte reached the client
     queue_ms: float | None = None
     ttfb_ms: float | None = None  # sending upstream to its response headers
     # Sending upstream to the first generated token of a stream; for a buffered answer, the

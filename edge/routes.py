@@ -108,6 +108,7 @@ OWN_ROUTES: tuple[OwnRoute, ...] = (
     OwnRoute("/healthz", open=True, logged=False),
     OwnRoute("/readyz", open=True, logged=False),
     OwnRoute("/metrics", open=True, logged=False),  # its own token (edge.metrics)
+    OwnRoute("/agents", open=True, logged=False),  # the metrics token, as /metrics
     OwnRoute("/demo", open=True, logged=True),
 )
 OWN_PATHS = frozenset(route.path for route in OWN_ROUTES)

@@ -44,10 +44,8 @@ from edge.settings import EdgeSettings
 from edge.telemetry import TelemetryWriter
 from edge.upstreams import connections
 from edge.upstreams.connections import Sessions
-from edge.upstreams.gate import Gate
-from edge.upstreams.monitor import UpstreamMonitor
+from edge.upstreams.pool import Pool, build_pool
 from edge.upstreams.sshd import EmbeddedSSHServer
-from edge.upstreams.tunnel import TunnelUpstream
 
 log = structlog.get_logger(__name__)
 
@@ -61,7 +59,7 @@ class Edge:
     models: ModelPolicy
     body_policy: BodyPolicy
     body_limits: BodyLimits
-    upstream: TunnelUpstream  # the tunnel's end, its monitor and its GPU gate
+    pool: Pool  # the workstations (agents), their monitors and the GPU gate
     sessions: Sessions  # HTTP connections to the upstream
     telemetry: TelemetryWriter
     guard: Guard  # keys, limits, bans
@@ -96,30 +94,24 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         settings.max_tracked_clients,
     )
     guard = Guard(settings, keys, bans)
-    monitor = UpstreamMonitor(
-        settings.upstream, settings.probe_interval, settings.probe_timeout, settings.retry_after
-    )
-    gate = Gate(
-        settings.max_inflight, settings.queue_max, settings.queue_timeout, settings.retry_after
-    )
-    upstream = TunnelUpstream(settings.upstream, settings.upstream, monitor, gate)
+    pool = build_pool(settings)
     async with AsyncExitStack() as stack:
         telemetry = TelemetryWriter(
             settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
         )
         stack.push_async_callback(telemetry.aclose)
         sessions = await stack.enter_async_context(connections.sessions(settings, upstream_key))
-        metrics = EdgeMetrics(settings.models, gate, monitor, telemetry)
+        metrics = EdgeMetrics(settings.models, pool, telemetry)
         listeners = Listeners(http_admission(settings))
         metrics.registry.register(ListenersCollector(listeners))
         sshd = None
         if settings.ssh_port:
-            sshd = EmbeddedSSHServer(settings, monitor.set_agent_present)
+            sshd = EmbeddedSSHServer(settings, pool.attach, pool.detach)
             await sshd.start()
             stack.push_async_callback(sshd.close)
             listeners.others.append(sshd.admission)
-        else:
-            monitor.set_agent_present(None)  # system sshd: the probe alone decides
+            for name in sshd.names():
+                pool.expect(name)
         edge = Edge(
             settings=settings,
             clients=clients,
@@ -133,7 +125,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
                 max_messages=settings.max_messages,
                 max_images=settings.max_images,
             ),
-            upstream=upstream,
+            pool=pool,
             sessions=sessions,
             telemetry=telemetry,
             guard=guard,
@@ -168,7 +160,7 @@ Loop = Callable[[], Coroutine[Any, Any, None]]
 def _loops(edge: Edge) -> list[tuple[str, Loop]]:
     """Every background loop of the edge, by name; each started only when its task runs."""
     loops: list[tuple[str, Loop]] = [
-        ("probe", partial(edge.upstream.monitor.run, edge.sessions.pooled)),
+        ("probe", partial(edge.pool.run, edge.sessions.pooled)),
         ("bans-saver", edge.guard.bans.run_saver),
         ("suppressed-reporter", edge.guard.anonymous.run_reporter),
     ]

@@ -77,6 +77,19 @@ class FeatureSettings(BaseModel):
         return value
 
 
+class UpstreamSettings(BaseModel):
+    """One workstation's model server in system-sshd mode (`[[upstreams]]` in edge.toml): the
+    loopback address its agent's reverse forward listens on, under the name the pool, the
+    telemetry and the metrics know it by."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._@-]{1,64}$")
+    url: str
+    # Requests it serves at once (its GPU slots); default the edge's `max_inflight`.
+    max_inflight: int | None = Field(None, ge=1)
+
+
 class EdgeSettings(BackhaulSettings):
     """Everything the edge process reads at start; one frozen instance built in `main()`."""
 
@@ -87,8 +100,15 @@ class EdgeSettings(BackhaulSettings):
     # plain HTTP to the world.
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind.
+    # The tunnel's loopback end on the VPS, as a URL: the agent's remote_bind. In embedded mode,
+    # the address every agent asks to forward (each gets its own port: edge.upstreams.sshd).
     upstream: str = f"http://127.0.0.1:{TUNNEL_PORT}"
+    # System-sshd mode with several workstations: each one's name and URL (and slots). Empty:
+    # `upstream` is a pool of one (docs/second-workstation.md).
+    upstreams: list[UpstreamSettings] = []
+    # Send a conversation's next turn to the agent that answered the last, for its prompt cache
+    # (edge.upstreams.affinity); false: by load alone.
+    pool_affinity: bool = True
     # A file holding the model server's own API key (vLLM or llama-server started with
     # `--api-key`), sent upstream as `Authorization: Bearer` on every request and probe; read
     # once at start, never logged. Unset: no credential (Ollama needs none). Callers' own keys
@@ -140,7 +160,8 @@ class EdgeSettings(BackhaulSettings):
     # Serve the browser demo page (docs/demo.html) at /demo.
     demo_page: bool = False
 
-    # The GPU gate: upstream requests in flight, queued requests, longest wait in the queue (s).
+    # The GPU gate: upstream requests in flight (per workstation), queued requests (for the
+    # pool), longest wait in the queue (s).
     max_inflight: int = Field(2, ge=1)
     queue_max: int = Field(64, ge=0)
     queue_timeout: float = Field(30.0, gt=0)
@@ -198,7 +219,8 @@ class EdgeSettings(BackhaulSettings):
     # First byte (and any silence mid-stream) may include a queue wait and a cold model load.
     read_timeout: float = Field(300.0, gt=0)
     # Liveness probe through the tunnel: a half-open tunnel accepts and then stays silent.
-    probe_interval: float = Field(5.0, gt=0)
+    # Every 2 s: a model server that died leaves the pool within 5 s (one interval, a timeout).
+    probe_interval: float = Field(2.0, gt=0)
     probe_timeout: float = Field(2.0, gt=0)
     # Seconds a client is told to wait when the agent is away or the gate is full.
     retry_after: int = Field(5, ge=1)
@@ -238,6 +260,14 @@ class EdgeSettings(BackhaulSettings):
     @classmethod
     def _extra_fields(cls, value: list[str]) -> list[str]:
         return check_extra_fields(value)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_names(cls, value: list[UpstreamSettings]) -> list[UpstreamSettings]:
+        names = [upstream.name for upstream in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each upstream needs a name of its own")
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

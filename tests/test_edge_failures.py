@@ -169,7 +169,7 @@ async def test_agent_returning_is_noticed(tmp_path: Path, http: aiohttp.ClientSe
         # The agent comes back: an upstream on the very port the edge knows.
         async with running_simulator(port=port):
             async with asyncio.timeout(10):  # the probe runs every 0.5 s while down
-                await e.edge.upstream.monitor.wait_state(State.UP)
+                await e.agent.monitor.wait_state(State.UP)
             async with http.post(f"{e.url}/api/generate", json=GEN) as r:
                 assert r.status == 200
 

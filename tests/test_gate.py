@@ -189,7 +189,7 @@ async def queued_in_turn(
 ) -> list[asyncio.Task[int]]:
     """`one_token()` requests in `group`, each sent once the one before it waits at the gate, so
     that they queue in this order."""
-    gate = e.edge.upstream.gate
+    gate = e.edge.pool.gate
     tasks = []
     for request_id in request_ids:
         tasks.append(group.create_task(one_token(http, e, request_id, headers)))
@@ -239,7 +239,7 @@ async def test_api_keys_share_the_gate_within_their_own_limits(
         simulator(tok_per_s=20, reply_tokens=10_000, parallel=2) as sim,
         edge(sim.url, tmp_path, auth="keys", max_inflight=2) as e,
     ):
-        g = e.edge.upstream.gate
+        g = e.edge.pool.gate
         flood, other = bearer(secrets["flood"]), bearer(secrets["other"])
         async with asyncio.timeout(20):
             holder = {**GEN, "stream": True}

@@ -79,9 +79,9 @@ async def test_counters_match_the_requests_made(tmp_path: Path, http: aiohttp.Cl
         value(m, "backhaul_request_duration_seconds_bucket", route="/api/generate", le="+Inf") == 4
     )
     # Live state.
-    assert value(m, "backhaul_agent_connected") == 1
-    assert value(m, "backhaul_upstream_state", state="up") == 1
-    assert value(m, "backhaul_upstream_state", state="agent_absent") == 0
+    assert value(m, "backhaul_agent_connected", agent="default") == 1
+    assert value(m, "backhaul_upstream_state", agent="default", state="up") == 1
+    assert value(m, "backhaul_upstream_state", agent="default", state="agent_absent") == 0
     assert value(m, "backhaul_inflight_requests") == 0
     assert value(m, "backhaul_gate_slots") == 2
     assert value(m, "backhaul_telemetry_lines_total", result="written") == 7
@@ -95,7 +95,7 @@ async def test_gauges_show_a_held_stream_and_a_queued_request(
         simulator(reply_tokens=60, tok_per_s=30) as sim,
         edge(sim.url, tmp_path, max_inflight=1) as e,
     ):
-        gate = e.edge.upstream.gate
+        gate = e.edge.pool.gate
         payload = {**GEN, "stream": True}
         async with http.post(f"{e.url}/api/generate", json=payload) as held:
             assert held.status == 200
@@ -123,19 +123,19 @@ async def test_gauges_show_a_held_stream_and_a_queued_request(
 
 async def test_agent_connects_and_upstream_state(tmp_path: Path, http: aiohttp.ClientSession):
     async with simulator() as sim, edge(sim.url, tmp_path) as e:
-        monitor = e.edge.upstream.monitor
+        monitor = e.agent.monitor
         await monitor.probe(e.edge.sessions.pooled)
         # What the embedded SSH server reports: the agent drops, then comes back twice.
         for present in (True, False, True, False, True):
             monitor.set_agent_present(present)
         m = await scrape(http, e.url)
-        assert value(m, "backhaul_agent_connected") == 1
-        assert value(m, "backhaul_agent_reconnects_total") == 2
+        assert value(m, "backhaul_agent_connected", agent="default") == 1
+        assert value(m, "backhaul_agent_reconnects_total", agent="default") == 2
         monitor.set_agent_present(False)
         m = await scrape(http, e.url)
-        assert value(m, "backhaul_agent_connected") == 0
-        assert value(m, "backhaul_upstream_state", state="agent_absent") == 1
-        assert value(m, "backhaul_upstream_state", state="up") == 0
+        assert value(m, "backhaul_agent_connected", agent="default") == 0
+        assert value(m, "backhaul_upstream_state", agent="default", state="agent_absent") == 1
+        assert value(m, "backhaul_upstream_state", agent="default", state="up") == 0
         # A request refused while the agent is away is a rejection by reason.
         async with http.post(f"{e.url}/api/generate", json=GEN) as r:
             assert r.status == 503

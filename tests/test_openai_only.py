@@ -322,7 +322,7 @@ async def test_llama_cpp_refusing_a_wrong_key_is_seen_by_the_probe(
     ):
         assert r.status == 502
         assert (await r.json())["error"]["type"] == "upstream_refused"
-        assert e.edge.upstream.monitor.status.state.value == "model_server_refuses"
+        assert e.agent.monitor.status.state.value == "model_server_refuses"
     # llama.cpp checks its key before routing: the first probe's 401 said it all.
     assert seen[0] == ("GET", "/api/version", "Bearer not-the-key")
 
@@ -361,7 +361,7 @@ async def test_a_feature_speaks_openai_to_a_server_without_ollamas_api(
         edge(url, tmp_path, features={"say": feature, "checked": checked}) as e,
     ):
         async with asyncio.timeout(5):
-            await e.edge.upstream.monitor.wait_state(State.UP)
+            await e.agent.monitor.wait_state(State.UP)
         async with http.post(f"{e.url}/features/say", json={"input": "hi"}) as r:
             assert r.status == 200
             assert await r.json() == {"output": "Hello"}

@@ -52,9 +52,9 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
             tmp_path, sshd.port, f"127.0.0.1:{bind}", sim.url, pinned=sshd.host_public_key
         )
         async with running_tunnel(agent, up_within=10) as tunnel:
-            assert e.edge.upstream.monitor.status.agent_present is None
+            assert e.agent.monitor.status.agent_present is None
             assert tunnel.cipher == "aes128-gcm@openssh.com"
-            assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+            assert (await e.agent.monitor.probe(e.edge.sessions.pooled)).value == "up"
             headers = {"X-Request-Id": "via-sshd"}
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
@@ -67,7 +67,7 @@ async def test_request_through_sshd_and_the_edge_then_agent_gone_is_503(tmp_path
             await sshd.wait_exited(sessions)
         # Without presence events (sshd mode) the edge learns it from its probe or a refused
         # connect; probe once here rather than wait for the next scheduled one.
-        assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "agent_absent"
+        assert (await e.agent.monitor.probe(e.edge.sessions.pooled)).value == "agent_absent"
         await assert_agent_unavailable_at_once(http, e, "gone")
 
 

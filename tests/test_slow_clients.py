@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tests.support.servers import edge, serving, simulator
+from tests.support.servers import edge, forwarded, serving, simulator
 
 GEN = {"model": "llama3.2:1b", "prompt": "hi", "stream": False}
 
@@ -121,7 +121,7 @@ async def test_stalled_reader_does_not_delay_the_next_request(
     """max_inflight=1: the next request gets the slot when the upstream ends, not the client."""
     held = HeldStream(bulk=6 * 1024 * 1024)  # past what the kernel buffers take
     async with serving(held.app) as url, edge(url, tmp_path, max_inflight=1) as e:
-        g = e.edge.upstream.gate
+        g = e.edge.pool.gate
         async with asyncio.timeout(20), RawClient.connect(e.url) as slow:
             slow.send(slow.request("/api/generate", {**GEN, "stream": True}, "slow"))
             assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
@@ -165,7 +165,7 @@ async def test_client_gone_while_buffered_cancels_the_upstream(tmp_path: Path):
                 assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
                 await held.bulk_sent.wait()  # the upstream is still generating
             await held.cancelled.wait()
-            await e.edge.upstream.gate.wait_inflight(0)
+            await e.edge.pool.gate.wait_inflight(0)
             record = await e.wait_record("left")
     assert record["outcome"] == "client_gone"
     assert 0 < record["tokens"] <= held.lines  # the lines read before it left, one token each
@@ -207,7 +207,7 @@ async def test_stalled_client_is_cut_and_its_generation_cancelled(tmp_path: Path
             slow.send(slow.request("/v1/chat/completions", body, "stalled"))
             assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
             await sim.stats.wait_cancelled(1)  # the generation was stopped
-            await e.edge.upstream.gate.wait_inflight(0)
+            await e.edge.pool.gate.wait_inflight(0)
             await slow.wait_closed_by_server()
         record = await e.record("stalled")
         assert record["outcome"] == "client_stalled" and record["status"] == 200
@@ -228,7 +228,7 @@ async def test_stall_after_the_upstream_ended_is_cut_too(tmp_path: Path):
         assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
         await held.bulk_sent.wait()
         held.finish.set()
-        await e.edge.upstream.gate.wait_inflight(0)  # the upstream ended; the slot is free
+        await e.edge.pool.gate.wait_inflight(0)  # the upstream ended; the slot is free
         record = await e.wait_record("late")  # reading now would end the stall
         await slow.wait_closed_by_server()  # cut, not left open for keep-alive
     assert record["outcome"] == "client_stalled" and record["status"] == 200
@@ -258,7 +258,7 @@ async def test_stalled_reader_of_a_large_buffered_answer_is_cut(tmp_path: Path):
     ):
         slow.send(slow.request("/api/generate", GEN, "big"))
         assert (await slow.read_head()).startswith(b"HTTP/1.1 200")
-        assert e.edge.upstream.gate.inflight == 0  # the slot went before the answer was written
+        assert e.edge.pool.gate.inflight == 0  # the slot went before the answer was written
         record = await e.wait_record("big")
         await slow.wait_closed_by_server()
     assert record["outcome"] == "client_stalled" and record["status"] == 200
@@ -283,8 +283,8 @@ async def test_trickled_headers_are_cut_without_a_request(tmp_path: Path):
             trickler = group.create_task(trickle())
             await slow.wait_closed_by_server()
             trickler.cancel()
-        assert e.edge.upstream.gate.inflight == 0
-        assert [s.path for s in sim.stats.requests if s.path != "/api/version"] == []
+        assert e.edge.pool.gate.inflight == 0
+        assert forwarded(sim) == []
         assert await e.records() == []  # no request ever began
 
 

@@ -94,24 +94,35 @@ async def test_refuses_shell_exec_subsystem_pty_and_direct_forwards(tmp_path: Pa
         assert conn.is_closed() is False  # refusals, not a disconnect
 
 
-async def test_grants_only_the_configured_forward(tmp_path: Path):
+async def test_grants_only_the_configured_forward_one_per_agent(tmp_path: Path):
     bind = free_port()
-    key, other_key = make_key(tmp_path / "agent_key"), make_key(tmp_path / "other")
+    key = make_key(tmp_path / "agent_key", "rtx-box")
+    other_key = make_key(tmp_path / "other", "mac-mini")
     (tmp_path / "agent_keys").write_text(f"{public_line(key)}\n{public_line(other_key)}\n")
     async with embedded_server(tmp_path, bind) as vps, connect(vps, key) as conn:
         for host, port in (("127.0.0.1", free_port()), ("0.0.0.0", bind), ("localhost", bind)):
             with pytest.raises(asyncssh.ChannelListenError):
                 await conn.forward_remote_port(host, port, "127.0.0.1", 9)
-        assert vps.presence == [False]
+        assert vps.presence == []
         await conn.forward_remote_port("127.0.0.1", bind, "127.0.0.1", 9)
         async with asyncio.timeout(2):
             await vps.wait_present(True)
         with pytest.raises(asyncssh.ChannelListenError):  # one forward per connection
             await conn.forward_remote_port("127.0.0.1", bind, "127.0.0.1", 9)
-        async with connect(vps, other_key) as other:  # another agent key: the port is taken
-            with pytest.raises(asyncssh.ChannelListenError):
-                await other.forward_remote_port("127.0.0.1", bind, "127.0.0.1", 9)
-        assert vps.presence[-1] is True
+        assert vps.urls == {"rtx-box": f"http://127.0.0.1:{bind}"}  # free: where it asked
+        async with connect(vps, other_key) as other:
+            # Another agent asks for the same address: it gets a forward of its own, elsewhere,
+            # and the first keeps its own.
+            await other.forward_remote_port("127.0.0.1", bind, "127.0.0.1", 9)
+            async with asyncio.timeout(2):
+                await vps.wait_present(True, "mac-mini")
+            assert set(vps.server.holders) == {"rtx-box", "mac-mini"}
+            assert vps.urls["mac-mini"] != vps.urls["rtx-box"]
+            assert vps.urls["mac-mini"].startswith("http://127.0.0.1:")
+        async with asyncio.timeout(2):
+            await vps.wait_present(False, "mac-mini")
+        assert vps.presence == [True, True, False]
+        assert set(vps.server.holders) == {"rtx-box"}
 
 
 async def test_same_key_replaces_the_old_connection_and_frees_the_port_at_once(tmp_path: Path):
@@ -144,9 +155,9 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             tmp_path, server.port, f"127.0.0.1:{bind}", sim.url, pinned=server.host_public_key
         )
         async with running_tunnel(agent, up_within=5):
-            assert e.edge.upstream.monitor.status.agent_present is True
+            assert e.agent.monitor.status.agent_present is True
             # Presence wakes the edge's probe; probing here makes "ready" deterministic.
-            assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+            assert (await e.agent.monitor.probe(e.edge.sessions.pooled)).value == "up"
             headers = {"X-Request-Id": "through-the-tunnel"}
             async with http.post(f"{url}/api/generate", json=GEN, headers=headers) as r:
                 assert r.status == 200
@@ -155,7 +166,7 @@ async def test_request_through_the_edge_and_agent_gone_is_503_at_once(tmp_path: 
             assert record["status"] == 200
             assert record["outcome"] == "ok"
         # The agent is gone: presence drops with its connection, the next request is 503 now.
-        status = e.edge.upstream.monitor.status  # read again: the tunnel has closed
+        status = e.agent.monitor.status  # read again: the tunnel has closed
         assert status.agent_present is False
         await assert_agent_unavailable_at_once(http, e, "agent-gone")
 

@@ -111,7 +111,7 @@ async def test_model_server_down_behind_a_live_tunnel_is_502_at_once(tmp_path: P
         )
         async with running_tunnel(agent, up_within=5):
             async with running_simulator(SimulatorSettings(), port=sim_port):
-                assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+                assert (await e.agent.monitor.probe(e.edge.sessions.pooled)).value == "up"
                 async with http.post(f"{url}/api/generate", json=body) as r:
                     assert r.status == 200
             # The agent is there, its model server is gone: the agent's connect is refused,

@@ -72,7 +72,7 @@ class StandIn:
                 if closing or (self.reset_fresh and method == "POST"):
                     self.dropped += method == "POST"
                     return
-                if self.partial_answer and served:
+                if self.partial_answer and served and method == "POST":
                     writer.write(self.partial_answer)
                     await writer.drain()
                     return
@@ -107,6 +107,8 @@ def _answer(path: str, body: bytes, connection_close: bool) -> bytes:
     connection = b"Connection: close\r\n" if connection_close else KEEP_ALIVE
     if path == "/api/version":
         return _json_answer(b'{"version":"0.12.6"}', connection)
+    if path in ("/api/tags", "/api/ps"):  # what the pool asks of every model server
+        return _json_answer(orjson.dumps({"models": [{"name": GEN["model"]}]}), connection)
     if not orjson.loads(body).get("stream"):
         return _json_answer(orjson.dumps(ANSWER), connection)
     chunks = b"".join(
@@ -154,7 +156,9 @@ async def stand_in(**habits: Any) -> AsyncIterator[tuple[StandIn, str]]:
 async def edge_before(url: str, tmp_path: Path) -> AsyncIterator[Edge]:
     """The edge in front of `url`, probed once (so no probe races the requests), gate wide."""
     async with edge(url, tmp_path, probe_interval=60, max_inflight=8) as e:
-        assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+        async with asyncio.timeout(5):  # its first probe and look at the models, then quiet
+            await e.agent.refreshed.wait()
+        assert e.agent.monitor.status.state.value == "up"
         yield e
 
 
@@ -169,7 +173,9 @@ async def edge_through_pair(url: str, tmp_path: Path) -> AsyncIterator[Edge]:
         # The agent's own probes (GETs) stay out of the way of the requests counted.
         agent_process(tmp_path, e.sshd, bind, url, probe_interval="60"),
     ):
-        assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+        async with asyncio.timeout(5):  # its first probe and look at the models, then quiet
+            await e.agent.refreshed.wait()
+        assert e.agent.monitor.status.state.value == "up"
         yield e
 
 

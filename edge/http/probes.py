@@ -1,4 +1,4 @@
-"""The edge's own answers: `/healthz`, `/readyz` and `/metrics`.
+"""The edge's own answers: `/healthz`, `/readyz`, `/metrics` and `/agents`.
 
 `/healthz` says the process serves; `/readyz` says whether a request would reach the model server
 now (probing once if nothing is known yet); `/metrics` is Prometheus's, for a loopback scraper or
@@ -15,7 +15,6 @@ from edge.errors import Forbidden
 from edge.exchange import EXCHANGE
 from edge.metrics import Scrape, scrape_access
 from edge.services import EDGE
-from edge.upstreams.base import State
 
 log = structlog.get_logger(__name__)
 
@@ -32,27 +31,42 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when requests can reach the model server now, else the error a request would get."""
+    """200 when a request can reach a model server now (at least one agent serves), else the
+    error a request would get; when ready, each agent's state by name (no models, no
+    addresses: this is an open route)."""
     edge = request.app[EDGE]
-    monitor = edge.upstream.monitor
-    if monitor.status.state is State.UNKNOWN:
-        await monitor.probe(edge.sessions.pooled)
-    unready = monitor.unready()
+    pool = edge.pool
+    for agent in pool.agents.values():
+        # Not known yet (a fresh edge, a new agent): look now rather than say "not ready".
+        if not agent.looked and agent.monitor.status.agent_present is not False:
+            await agent.check(edge.sessions.pooled)
+    agents = {agent.name: agent.monitor.status.state.value for agent in pool.agents.values()}
+    unready = pool.unready()
     if unready is not None:
         raise unready
-    status = monitor.status
-    return web.json_response(
-        {
-            "status": "ready",
-            "upstream": status.state.value,
-            "reason": status.reason,
-            "agent_present": status.agent_present,
-        }
-    )
+    return web.json_response({"status": "ready", "agents": agents})
+
+
+async def agents(request: web.Request) -> web.Response:
+    """`GET /agents`: the live pool, as `backhaul-edge agents` prints it; to whom `/metrics`
+    answers (it names addresses and models)."""
+    _scraper_only(request)
+    return web.json_response({"agents": request.app[EDGE].pool.snapshot()})
 
 
 async def metrics(request: web.Request) -> web.Response:
     """`GET /metrics` in the format the scraper asks for (Prometheus text or OpenMetrics)."""
+    _scraper_only(request)
+    edge = request.app[EDGE]
+    encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+    body = encoder(edge.metrics.registry)
+    return web.Response(
+        body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.CACHE_CONTROL: "no-store"}
+    )
+
+
+def _scraper_only(request: web.Request) -> None:
+    """Refuse (403) all but a loopback scraper and the bearer of the metrics token."""
     ex = request[EXCHANGE]
     edge = request.app[EDGE]
     guard = edge.guard
@@ -68,8 +82,3 @@ async def metrics(request: web.Request) -> web.Response:
             "metrics are served to loopback scrapers that do not come through a proxy, or with "
             "the metrics token as a bearer token"
         )
-    encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
-    body = encoder(edge.metrics.registry)
-    return web.Response(
-        body=body, headers={hdrs.CONTENT_TYPE: content_type, hdrs.CACHE_CONTROL: "no-store"}
-    )

@@ -29,7 +29,7 @@ Each FILE is read with its rotated siblings FILE.N and FILE.N.gz (oldest first);
 recognised by content. Corrupt or truncated lines are counted and skipped. Percentiles are exact
 up to 8,192 values per figure and within 1 % beyond (marked ~)."""
 
-GROUP_FIELDS = ("model", "key", "feature", "route", "status")
+GROUP_FIELDS = ("model", "key", "feature", "route", "status", "agent")
 
 
 def register(subparsers: Subparsers) -> None:

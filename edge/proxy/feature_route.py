@@ -19,6 +19,7 @@ from edge.errors import (
     PayloadTooLarge,
 )
 from edge.exchange import EXCHANGE, Exchange
+from edge.models import canonical_model
 from edge.proxy import handler as proxy
 from edge.proxy.features import FEATURE, Feature, chat_body, openai_chat_body
 from edge.routes import BY_PATH
@@ -49,7 +50,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             "call it without ?stream=1"
         )
     edge = request.app[EDGE]
-    openai = edge.upstream.monitor.openai_only
+    openai = edge.pool.openai_only(canonical_model(feature.model))
     if stream and openai:
         raise NotSupported(
             f"feature '{feature.name}' streams Ollama's NDJSON, and this model server is "

@@ -3,7 +3,8 @@
 Before response headers are sent, every failure becomes a status (an `EdgeError`); after
 `prepare()` a failure can only cut the stream, which the client sees as a truncated body (for
 NDJSON and SSE, after an error line in the route's own shape). Library exceptions from aiohttp's
-client are translated in one place, `TunnelUpstream.errors()` (edge.upstreams.tunnel).
+client are translated in one place, `Agent.errors()` (edge.upstreams.agent); which agent serves,
+and the failover before the first byte, is `forward()` with the pool (edge.upstreams.pool).
 
 Resource handling: the upstream response is released to the connection pool only when it was
 read to the end; on any other exit (the client went away, the stream broke) it is closed, which
@@ -26,6 +27,8 @@ import structlog
 from aiohttp import hdrs, web
 
 from edge.errors import (
+    ConnectionLost,
+    EdgeError,
     Forbidden,
     InvalidRequest,
     NotSupported,
@@ -36,19 +39,25 @@ from edge.errors import (
     UpstreamUnavailable,
 )
 from edge.exchange import EXCHANGE, Exchange
-from edge.proxy import body_json, body_limits, ollama, relay, usage
+from edge.models import canonical_model
+from edge.proxy import body_json, body_limits, lists, ollama, relay, usage
 from edge.proxy.usage import NS_PER_S, Usage
 from edge.routes import Kind, Route
 from edge.services import EDGE, Edge
 from edge.settings import EdgeSettings
 from edge.upstreams import connections
+from edge.upstreams.affinity import SESSION_HEADER, conversation_key
+from edge.upstreams.agent import Agent
 from edge.upstreams.base import REFUSED_STATUSES
+from edge.upstreams.pool import MAX_RETRIES, RETRYABLE, Pool
 
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 # A buffered answer larger than this is written by the handler under the write timeout: left to
 # aiohttp, a client that stopped reading it would keep the connection forever. Smaller ones
 # (nearly all) fit the connection's send buffer and are left to aiohttp, as before.
 _SEND_UNDER_TIMEOUT_BYTES = 64 * 1024
+# Routes whose body names the model that decides which workstation may serve them.
+_MODEL_ROUTES = (Kind.GENERATE, Kind.EMBED, Kind.SHOW)
 # How much of a model server's 5xx message the log keeps (the client gets none of it).
 _LOGGED_MESSAGE_CHARS = 500
 
@@ -73,6 +82,10 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
         body_limits.check(built.body, edge.body_limits)
+        if route.kind is Kind.GENERATE and edge.pool.affinity_on:
+            caller = f"key:{ex.key.name}" if ex.key is not None else f"addr:{ex.record.client}"
+            session = request.headers.get(SESSION_HEADER)
+            ex.conversation = conversation_key(caller, facts.model, built.body, session)
         if ex.key is not None and not ex.key.allows_model(facts.model):
             raise Forbidden(f"model '{facts.model}' is not allowed for this API key")
         try:
@@ -107,18 +120,63 @@ async def _send_large(
 async def forward(
     request: web.Request, edge: Edge, ex: Exchange, route: Route, payload: bytes | None
 ) -> web.StreamResponse:
-    """Send a checked `payload` to `route` upstream: 503 at once when the upstream is away, a
-    gate slot for inference, then relay. Feature endpoints (edge.proxy.features) call it too."""
-    upstream = edge.upstream
-    refusal = upstream.monitor.refusal()
-    if refusal is not None:
-        raise refusal
-    if route.kind in (Kind.GENERATE, Kind.EMBED):
-        key, limit = gate_key(ex)
-        async with upstream.gate.slot(key, limit) as slot:
-            ex.record.queue_ms = round(slot.queue_ms, 3)
-            return await _forward(request, edge, ex, route, payload, slot.release)
-    return await _forward(request, edge, ex, route, payload, _no_slot)
+    """Send a checked `payload` to `route` on the agent the pool chooses (DESIGN.md §7.2): 404
+    or 503 at once when none can serve it, a gate slot for inference, then relay. A failure
+    before any byte reached the client is sent again to another candidate, at most
+    `MAX_RETRIES` times. Feature endpoints (edge.proxy.features) call it too."""
+    pool = edge.pool
+    named = ex.record.model if route.kind in _MODEL_ROUTES else None
+    model = canonical_model(named) if named else None
+    if route.kind is Kind.LIST and len(pool.agents) > 1:
+        listing, answered = await lists.merged(request, edge, ex, route)
+        ex.record.agent = lists.ALL_AGENTS if len(answered) > 1 else answered[0]
+        body = orjson.dumps(ollama.filter_models(listing, _model_filter(edge, ex)))
+        return _response(ex, 200, "application/json", body, {})
+    tried: list[Agent] = []
+    while True:
+        candidates = pool.candidates(model, avoid=tried)
+        agent: Agent | None = None
+        try:
+            if route.kind in (Kind.GENERATE, Kind.EMBED):
+                key, limit = gate_key(ex)
+                pick = pool.picker(candidates, model, ex.conversation)
+                async with pool.gate.slot(key, limit, pick) as slot:
+                    assert isinstance(slot.seat, Agent)
+                    agent = slot.seat
+                    queued = (ex.record.queue_ms or 0.0) + slot.queue_ms
+                    ex.record.queue_ms = round(queued, 3)
+                    release = slot.release
+                    response = await _forward(request, edge, ex, route, payload, agent, release)
+            else:
+                agent = candidates[0]
+                response = await _forward(request, edge, ex, route, payload, agent, _no_slot)
+        except RETRYABLE as failure:
+            if agent is None or ex.headers_sent:
+                raise
+            pool.failed(agent, failure.type)
+            if isinstance(failure, ConnectionLost):
+                # Its own reconnect may have ended the wait: the same agent may take it again.
+                await pool.wait_reachable(model)
+            else:
+                tried.append(agent)
+            if ex.record.failovers >= MAX_RETRIES or not _others(pool, model, tried):
+                raise
+            ex.record.failovers += 1
+            log.info("pool.failover", agent=agent.name, error=failure.type, attempt=len(tried))
+            continue
+        if ex.record.outcome == "upstream_broken":
+            pool.failed(agent, "upstream_broken")
+        else:
+            pool.served(agent, ex.conversation, ex.record)
+        return response
+
+
+def _others(pool: Pool, model: str | None, tried: list[Agent]) -> bool:
+    """Whether another candidate is left for a request that failed on each of `tried`."""
+    try:
+        return bool(pool.candidates(model, avoid=tried))
+    except EdgeError:
+        return False
 
 
 def gate_key(ex: Exchange) -> tuple[str, int | None]:
@@ -159,20 +217,22 @@ async def _forward(
     ex: Exchange,
     route: Route,
     payload: bytes | None,
+    agent: Agent,
     release_slot: Callable[[], None],
 ) -> web.StreamResponse:
-    settings, tunnel = edge.settings, edge.upstream
+    settings = edge.settings
     # Built from scratch, never copied from the client: a loopback Host (set by aiohttp from
     # the URL), no Origin (Ollama refuses unknown origins), no cookies, never the caller's
     # credential; the edge's own, if it has one, is a header of its sessions (`connections`).
     headers = {hdrs.ACCEPT_ENCODING: "identity", "X-Request-Id": ex.id}
     if payload is not None:
         headers[hdrs.CONTENT_TYPE] = "application/json"
-    ex.record.upstream = tunnel.name
-    url = tunnel.url + route.path
+    ex.record.upstream, ex.record.agent = agent.url, agent.name
+    url = agent.url + route.path
     t0 = time.perf_counter()
-    with tunnel.errors():
-        async with tunnel.monitor.waiting(settings.read_timeout):
+    waiting = agent.monitor.waiting(settings.read_timeout)
+    with agent.errors(waiting):
+        async with waiting:
             upstream = await connections.send(
                 edge.sessions, ex.record, route.method, url, payload, headers
             )
@@ -184,10 +244,10 @@ async def _forward(
                 request, settings, ex, upstream, content_type, t0, release_slot
             )
         else:
-            with tunnel.errors():
+            with agent.errors():
                 body = await upstream.read()
             ex.upstream_s = time.perf_counter() - t0
-            response = _buffered(ex, route, upstream.status, content_type, body, edge)
+            response = _buffered(ex, route, upstream.status, content_type, body, edge, agent)
     except BaseException:
         upstream.close()
         raise
@@ -196,12 +256,18 @@ async def _forward(
 
 
 def _buffered(
-    ex: Exchange, route: Route, status: int, content_type: str, body: bytes, edge: Edge
+    ex: Exchange,
+    route: Route,
+    status: int,
+    content_type: str,
+    body: bytes,
+    edge: Edge,
+    agent: Agent,
 ) -> web.Response:
     if status == 503:
         raise UpstreamBusy(
             f"the model server is busy: {_upstream_message(body)}",
-            headers={"Retry-After": edge.upstream.monitor.retry_after},
+            headers={"Retry-After": agent.monitor.retry_after},
         )
     if status >= 500:
         log.warning(
@@ -211,7 +277,7 @@ def _buffered(
         )
         raise UpstreamFailed(status)
     if status in REFUSED_STATUSES:  # the edge's credential, not the caller's: never sent
-        raise edge.upstream.monitor.refused(status)
+        raise agent.monitor.refused(status)
     if status == 404 and not route.openai and not ollama.is_ollama_error(body):
         raise NotSupported(ollama.openai_only(route.path))
     if status >= 400:  # the model server's word on the request (404 model not found, 400): kept

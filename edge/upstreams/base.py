@@ -1,7 +1,7 @@
 """What every upstream is described by: its state, and the one table that reads a failure.
 
 `classify()` is the only place an aiohttp client failure becomes an upstream `State`: the
-liveness probe (`edge.upstreams.monitor`) and the request path (`edge.upstreams.tunnel`) both
+liveness probe (`edge.upstreams.monitor`) and the request path (`edge.upstreams.agent`) both
 use it, so they cannot disagree about what a refused or silent connection means (they did: a
 connect timeout was "agent absent" to requests and "tunnel silent" to the probe). As httpx's
 `map_httpcore_exceptions` and the agent's `classify()`, it re-raises nothing and knows only the

@@ -25,6 +25,7 @@ class AgentConnection:
 
     conn: asyncssh.SSHServerConnection
     fingerprint: str = ""
+    name: str = ""  # its agent's name (`edge.upstreams.sshd.agent_names`)
     peer: str = ""
     bound: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -74,15 +75,22 @@ class _Forwarder(SSHLocalPortForwarder):
             raise
 
 
-async def listen(agent: AgentConnection, host: str, port: int) -> asyncssh.SSHListener:
-    """What `conn.forward_local_port(host, port, host, port)` does, with `_Forwarder`s.
+async def listen(
+    agent: AgentConnection, host: str, port: int, asked_host: str, asked_port: int
+) -> asyncssh.SSHListener:
+    """Bind `host`:`port` (0: any free port) for the agent's forward of `asked_host`:
+    `asked_port`, what `conn.forward_local_port` does, with `_Forwarder`s. Each channel names
+    the address the agent asked for, which is how its client finds the forward; where the edge
+    bound it is the edge's business.
 
     Error handling: raises `OSError` when the port cannot be bound.
     """
     conn = agent.conn
 
     async def tunnel(session_factory: Any, orig_host: str, orig_port: int) -> Any:
-        return await conn.create_connection(session_factory, host, port, orig_host, orig_port)
+        return await conn.create_connection(
+            session_factory, asked_host, asked_port, orig_host, orig_port
+        )
 
     loop = asyncio.get_running_loop()
     listener = await create_tcp_local_listener(

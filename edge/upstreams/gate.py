@@ -18,6 +18,12 @@ newcomer's key. So a flood costs the flooder, and a quiet key always gets a plac
 The slot a caller holds is a `Slot` whose `release()` may come before its `with` block ends: a
 streamed answer releases the slot when the upstream finishes, while the edge is still writing
 the buffered rest to a slow client (`edge.proxy.handler`). Releasing twice is harmless.
+
+One queue for a pool of GPUs. The slots are `Seat`s, one per agent (its `max_inflight`); the
+queue is the pool's, so fairness between keys holds across the pool. Each caller brings a
+`pick` that chooses a seat with a free slot among the agents that can serve it (the router's
+order: `edge.upstreams.pool`), or None; a freed slot goes to the first waiter in the ring whose
+pick finds a seat. A gate of one seat is the single-GPU gate it was before the pool.
 """
 
 from __future__ import annotations
@@ -25,19 +31,38 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from edge.errors import Overloaded
 
 
+class Seat:
+    """One upstream's slots: `capacity` requests at once (its `max_inflight`)."""
+
+    __slots__ = ("capacity", "inflight")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.inflight = 0
+
+    @property
+    def free(self) -> bool:
+        return self.inflight < self.capacity
+
+
+# Chooses a seat with a free slot for one caller, or None when none of its seats has one.
+Pick = Callable[[], Seat | None]
+
+
 @dataclass(eq=False, slots=True)
 class _Waiter:
     key: str
     limit: int | None
-    # True: granted a slot (already counted as running); False: dropped from a full queue.
-    decided: asyncio.Future[bool] = field(
+    pick: Pick
+    # The seat granted (already counted as running), or None: dropped from a full queue.
+    decided: asyncio.Future[Seat | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -45,12 +70,13 @@ class _Waiter:
 class Slot:
     """One granted upstream slot; `release()` is idempotent and may precede the `with` exit."""
 
-    __slots__ = ("_gate", "_released", "key", "queue_ms")
+    __slots__ = ("_gate", "_released", "key", "queue_ms", "seat")
 
-    def __init__(self, gate: Gate, key: str, queue_ms: float) -> None:
+    def __init__(self, gate: Gate, key: str, seat: Seat, queue_ms: float) -> None:
         self._gate = gate
         self._released = False
         self.key = key
+        self.seat = seat  # whose slot it is
         self.queue_ms = queue_ms  # 0.0 when the slot was free on arrival
 
     @property
@@ -60,16 +86,20 @@ class Slot:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._gate._release(self.key)
+            self._gate._release(self.key, self.seat)
 
 
 class Gate:
-    """A counting semaphore with a bounded, timed queue, round-robin between keys."""
+    """Slots on one or more seats, with a bounded, timed queue, round-robin between keys.
+
+    `max_inflight` is the capacity of the gate's own seat (`seat`), which `slot()` uses when
+    given no `pick`: the single-GPU gate.
+    """
 
     def __init__(
         self, max_inflight: int, queue_max: int, queue_timeout: float, retry_after: int
     ) -> None:
-        self.max_inflight = max_inflight
+        self.seat = Seat(max_inflight)
         self.queue_max = queue_max
         self.queue_timeout = queue_timeout
         self._retry_after = str(retry_after)
@@ -81,18 +111,28 @@ class Gate:
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._changed = asyncio.Event()
 
+    @property
+    def max_inflight(self) -> int:
+        """The gate's own seat's capacity."""
+        return self.seat.capacity
+
+    def _own_seat(self) -> Seat | None:
+        return self.seat if self.seat.free else None
+
     @asynccontextmanager
-    async def slot(self, key: str = "", limit: int | None = None) -> AsyncIterator[Slot]:
+    async def slot(
+        self, key: str = "", limit: int | None = None, pick: Pick | None = None
+    ) -> AsyncIterator[Slot]:
         """Hold one upstream slot for the `with` block (or until `Slot.release()`).
 
         `key` groups a caller's requests for fairness; `limit` is that key's own concurrency
-        limit (None: only the gate's).
+        limit (None: only the gate's); `pick` chooses the seat (None: the gate's own).
 
         Error handling: raises `Overloaded` when the queue is full (and nobody else's waiter
         can be dropped instead), when this waiter was dropped for a quieter key, or when the
         wait passes `queue_timeout`.
         """
-        slot = await self._acquire(key, limit)
+        slot = await self.acquire(key, limit, pick or self._own_seat)
         try:
             yield slot
         finally:
@@ -117,51 +157,65 @@ class Gate:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _acquire(self, key: str, limit: int | None) -> Slot:
-        if self.inflight < self.max_inflight and self._under_limit(key, limit):
-            # Nobody waiting can be passed over here: after every release the free slots
-            # went to every waiter that could take one, so those left are at their key's limit.
-            self._start(key)
-            return Slot(self, key, 0.0)
+    def wake(self) -> None:
+        """A seat may have room it did not have (an agent came back, or was added): give it
+        to the waiters that can take it."""
+        self._wake()
+
+    async def acquire(self, key: str, limit: int | None, pick: Pick) -> Slot:
+        """A slot on the seat `pick` chooses, now or after waiting; release it with
+        `Slot.release()`. Errors as `slot()`."""
+        if self._under_limit(key, limit):
+            seat = pick()
+            if seat is not None:
+                # Nobody waiting can be passed over here: after every release the free slots
+                # went to every waiter that could take one, so those left are at their key's
+                # limit or wait for other seats.
+                self._start(key, seat)
+                return Slot(self, key, seat, 0.0)
         start = time.perf_counter()
-        waiter = self._enqueue(key, limit)
+        waiter = self._enqueue(key, limit, pick)
         try:
             async with asyncio.timeout(self.queue_timeout):
                 # Shielded: a timeout or a cancel must not cancel the decision itself, which
                 # `_wake` may be setting at that very moment.
                 granted = await asyncio.shield(waiter.decided)
         except TimeoutError:
-            if not (waiter.decided.done() and waiter.decided.result()):
+            granted = waiter.decided.result() if waiter.decided.done() else None
+            if granted is None:
                 self._forget(waiter)
                 raise Overloaded(
                     f"waited {self.queue_timeout:g} s for the model server; try again shortly",
                     headers={"Retry-After": self._retry_after},
                 ) from None
-            granted = True  # the slot came as the wait ran out: take it
+            # the slot came as the wait ran out: take it
         except BaseException:
             # Cancelled (the client went away): a slot granted meanwhile goes to the next.
-            if waiter.decided.done() and waiter.decided.result():
-                self._release(key)
+            seat = waiter.decided.result() if waiter.decided.done() else None
+            if seat is not None:
+                self._release(key, seat)
             else:
                 self._forget(waiter)
             raise
-        if not granted:
+        if granted is None:
             raise Overloaded(
                 "the model server's queue is full and other callers have fewer requests "
                 "waiting; try again shortly",
                 headers={"Retry-After": self._retry_after},
             )
-        return Slot(self, key, (time.perf_counter() - start) * 1000.0)
+        return Slot(self, key, granted, (time.perf_counter() - start) * 1000.0)
 
     def _under_limit(self, key: str, limit: int | None) -> bool:
         return limit is None or self._running.get(key, 0) < limit
 
-    def _start(self, key: str) -> None:
+    def _start(self, key: str, seat: Seat) -> None:
+        seat.inflight += 1
         self.inflight += 1
         self._running[key] = self._running.get(key, 0) + 1
         self._notify()
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, seat: Seat) -> None:
+        seat.inflight -= 1
         self.inflight -= 1
         left = self._running[key] - 1
         if left:
@@ -171,21 +225,21 @@ class Gate:
         self._wake()
         self._notify()
 
-    def _enqueue(self, key: str, limit: int | None) -> _Waiter:
+    def _enqueue(self, key: str, limit: int | None, pick: Pick) -> _Waiter:
         if self.queued >= self.queue_max:
-            self._drop_for(key)
-        waiter = _Waiter(key, limit)
+            self._drop_for(key, at_limit=not self._under_limit(key, limit))
+        waiter = _Waiter(key, limit, pick)
         self._waiting.setdefault(key, deque()).append(waiter)
         self.queued += 1
         self._notify()
         return waiter
 
-    def _drop_for(self, key: str) -> None:
+    def _drop_for(self, key: str, *, at_limit: bool) -> None:
         """Make room for `key` by dropping the newest waiter of the longest other queue."""
         mine = len(self._waiting.get(key, ()))
         longest = max(self._waiting.values(), key=len, default=None)
         if longest is None or len(longest) <= mine + 1:
-            if self.inflight < self.max_inflight:  # the slots are free, not for this key
+            if at_limit:  # the slots may be free, not for this key
                 message = (
                     f"this caller is at its limit of {self.running(key)} requests at once "
                     "and the queue is full; try again shortly"
@@ -198,7 +252,7 @@ class Gate:
             raise Overloaded(message, headers={"Retry-After": self._retry_after})
         victim = longest.pop()  # never empties it: it is longer than mine + 1 >= 1
         self.queued -= 1
-        victim.decided.set_result(False)
+        victim.decided.set_result(None)
 
     def _forget(self, waiter: _Waiter) -> None:
         queue = self._waiting.get(waiter.key)
@@ -211,22 +265,28 @@ class Gate:
         self._notify()
 
     def _wake(self) -> None:
-        while self.inflight < self.max_inflight:
-            waiter = self._next_waiter()
-            if waiter is None:
+        while self.queued:
+            found = self._next_waiter()
+            if found is None:
                 return
-            self._start(waiter.key)
-            waiter.decided.set_result(True)
+            waiter, seat = found
+            self._start(waiter.key, seat)
+            waiter.decided.set_result(seat)
 
-    def _next_waiter(self) -> _Waiter | None:
-        """The oldest waiter of the first key in the ring that is under its limit."""
+    def _next_waiter(self) -> tuple[_Waiter, Seat] | None:
+        """In ring order, the first key under its limit with a waiter that has a free seat,
+        and its oldest such waiter (with one seat, always the key's oldest)."""
         for key, queue in self._waiting.items():
-            head = queue[0]
-            if self._under_limit(key, head.limit):
-                queue.popleft()
+            if not self._under_limit(key, queue[0].limit):
+                continue
+            for waiter in queue:
+                seat = waiter.pick()
+                if seat is None:
+                    continue
+                queue.remove(waiter)
                 self.queued -= 1
                 del self._waiting[key]
                 if queue:
                     self._waiting[key] = queue  # served: to the back of the ring
-                return head
+                return waiter, seat
         return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import aiohttp
@@ -27,32 +28,40 @@ from edge.upstreams.base import State, Status, classify, classify_answer
 
 log = structlog.get_logger(__name__)
 
+_UNREACHABLE = (State.AGENT_ABSENT, State.TUNNEL_SILENT)
 # While down, probe this often (s): the agent's return is noticed within it.
 _DOWN_PROBE_INTERVAL_S = 0.5
 
 
-class _Waiting:
-    """An `asyncio.timeout` the monitor can fire early; a class, not a generator-based context
-    manager, because it is on every request's path."""
+class Waiting:
+    """An `asyncio.timeout` the monitor can fire early (then `woken` is True); a class, not a
+    generator-based context manager, because it is on every request's path."""
 
-    __slots__ = ("_registry", "_seconds", "_timeout")
+    __slots__ = ("_registry", "_seconds", "_timeout", "woken")
 
-    def __init__(self, registry: set[asyncio.Timeout], seconds: float) -> None:
+    def __init__(self, registry: set[Waiting], seconds: float) -> None:
         self._registry = registry
         self._seconds = seconds
         self._timeout: asyncio.Timeout | None = None
+        self.woken = False
+
+    def wake(self, now: float) -> None:
+        """End the wait now: the connection it waits on is gone."""
+        if self._timeout is not None:
+            self.woken = True
+            self._timeout.reschedule(now)
 
     async def __aenter__(self) -> asyncio.Timeout:
         self._timeout = asyncio.timeout(self._seconds)
         await self._timeout.__aenter__()
-        self._registry.add(self._timeout)
+        self._registry.add(self)
         return self._timeout
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._timeout is not None
-        self._registry.discard(self._timeout)
+        self._registry.discard(self)
         await self._timeout.__aexit__(kind, exc, tb)
 
 
@@ -60,12 +69,17 @@ class UpstreamMonitor:
     """The upstream's state, its liveness probe, and the requests waiting on it."""
 
     def __init__(
-        self, base_url: str, probe_interval: float, probe_timeout: float, retry_after: int
+        self,
+        base_url: str,
+        probe_interval: float,
+        probe_timeout: float,
+        retry_after: int,
+        name: str = "",
     ) -> None:
-        self._url = f"{base_url}/api/version"
-        self._models_url = f"{base_url}/v1/models"
+        self._log = log.bind(agent=name) if name else log
+        self.rebase(base_url)
         self._probe_interval = probe_interval
-        self._probe_timeout = aiohttp.ClientTimeout(total=probe_timeout)
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout)
         self.retry_after = str(retry_after)  # the Retry-After value, seconds
         self._state = State.UNKNOWN
         self._reason = "not probed yet"
@@ -77,9 +91,14 @@ class UpstreamMonitor:
         # the last probe found; False until a probe says so.
         self.openai_only = False
         self._connected = False
-        self._waiting: set[asyncio.Timeout] = set()
+        self._waiting: set[Waiting] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # set, then replaced, on every state change
+
+    def rebase(self, base_url: str) -> None:
+        """Probe the model server at `base_url` from now on (an agent's new forward)."""
+        self._url = f"{base_url}/api/version"
+        self._models_url = f"{base_url}/v1/models"
 
     @property
     def status(self) -> Status:
@@ -98,6 +117,11 @@ class UpstreamMonitor:
             self.agent_connects += 1
         self._connected = connected
 
+    @property
+    def reachable(self) -> bool:
+        """Connected, and its tunnel not silent: `refusal()` is None (without making an error)."""
+        return self._agent_present is not False and self._state not in _UNREACHABLE
+
     def refusal(self) -> EdgeError | None:
         """The error to answer at once, or None if a request should go upstream.
 
@@ -106,10 +130,7 @@ class UpstreamMonitor:
         try fails fast (the agent resets the connection) and a probe can land in a blip (sshd
         tearing down an old session), which must not turn into 502s for the next half second.
         """
-        if self._agent_present is False or self._state in (
-            State.AGENT_ABSENT,
-            State.TUNNEL_SILENT,
-        ):
+        if not self.reachable:
             return AgentUnavailable(
                 "the model server is offline: its workstation is not connected",
                 headers={"Retry-After": self.retry_after},
@@ -137,12 +158,17 @@ class UpstreamMonitor:
         self.report(State.MODEL_SERVER_REFUSES, reason)
         return _refused(reason)
 
+    def absent_at_start(self) -> None:
+        """An agent that has not connected yet: absent, without the warning a departure gets."""
+        self._agent_present = False
+        self._state, self._reason = State.AGENT_ABSENT, "not connected yet"
+
     def set_agent_present(self, present: bool | None) -> None:
         """Presence from the embedded SSH server; None when presence cannot be known."""
         if present == self._agent_present:
             return
         self._agent_present = present
-        log.info("upstream.agent_presence", present=present)
+        self._log.info("upstream.agent_presence", present=present)
         if present is False:
             self._set(State.AGENT_ABSENT, "agent disconnected")
         elif present and self._state in (State.AGENT_ABSENT, State.TUNNEL_SILENT):
@@ -161,14 +187,14 @@ class UpstreamMonitor:
         while self._state is not state:
             await self._changed.wait()
 
-    def waiting(self, read_timeout: float) -> _Waiting:
+    def waiting(self, read_timeout: float) -> Waiting:
         """`async with` it around a wait for response headers: the wait ends early if the
         upstream goes down.
 
         Error handling: raises `TimeoutError` when the read timeout passes or the monitor
-        decides the upstream is down; the caller asks `refusal()` which of the two it was.
+        decides the upstream is down (the `Waiting`'s `woken` then says so).
         """
-        return _Waiting(self._waiting, read_timeout)
+        return Waiting(self._waiting, read_timeout)
 
     def _set(self, state: State, reason: str) -> None:
         if state is self._state:
@@ -179,15 +205,15 @@ class UpstreamMonitor:
         self._changed = asyncio.Event()
         self._count_connect()
         if state is State.UP:
-            log.info("upstream.up", previous=previous.value)
+            self._log.info("upstream.up", previous=previous.value)
         elif state is State.UNKNOWN:
-            log.info("upstream.probing", previous=previous.value, reason=reason)
+            self._log.info("upstream.probing", previous=previous.value, reason=reason)
         else:
-            log.warning("upstream.down", state=state.value, reason=reason)
+            self._log.warning("upstream.down", state=state.value, reason=reason)
             if state in (State.TUNNEL_SILENT, State.AGENT_ABSENT):
                 now = asyncio.get_running_loop().time()
-                for timeout in list(self._waiting):
-                    timeout.reschedule(now)
+                for waiting in list(self._waiting):
+                    waiting.wake(now)
 
     async def probe(self, session: aiohttp.ClientSession) -> State:
         """Ask the model server for its version once, through the tunnel; record and return.
@@ -211,16 +237,24 @@ class UpstreamMonitor:
         return self._state
 
     async def _ask(self, session: aiohttp.ClientSession, url: str) -> int:
-        async with session.get(url, timeout=self._probe_timeout) as response:
+        async with session.get(url, timeout=self.probe_timeout) as response:
             await response.read()
             return response.status
 
-    async def run(self, session: aiohttp.ClientSession) -> None:
-        """Probe forever: every `probe_interval` while up, faster while down."""
+    async def run(
+        self,
+        session: aiohttp.ClientSession,
+        after: Callable[[State], Awaitable[None]] | None = None,
+    ) -> None:
+        """Probe forever: every `probe_interval` while up, faster while down; `after` is
+        awaited with the state each probe found."""
         while True:
             # Cleared before the probe, so a wake-up that arrives during it is not lost.
             self._wake.clear()
-            await self.probe(session)
+            if self._agent_present is not False:  # an absent agent's port has nothing behind it
+                state = await self.probe(session)
+                if after is not None:
+                    await after(state)
             interval = self._probe_interval if self._state is State.UP else _DOWN_PROBE_INTERVAL_S
             try:
                 async with asyncio.timeout(interval):

@@ -2,16 +2,21 @@
 
 It accepts only the public keys in `settings.agent_keys` (authorized_keys format, read again on
 every login so keys change without a restart) and grants one thing: `tcpip-forward` for the
-exact loopback address the edge proxies to (`settings.upstream`). Sessions (shell, exec,
+loopback address agents are configured to ask for (`settings.upstream`). Each key line's comment
+names its agent (`ssh-ed25519 AAAA... rtx-box`; a line without one is named by its key's
+fingerprint), and every agent gets a forward of its own: the edge binds it on the address asked
+for when that is free, else on a loopback port the kernel picks, and keeps the port an agent had
+for its next connection. The pool (`edge.upstreams.pool`) hears each agent's forward come
+(`attach(name, url)`) and go (`detach(name)`). Sessions (shell, exec,
 subsystems, PTYs), direct-tcpip and local forwards, UNIX sockets, agent and X11 forwarding are
 refused, each with an `sshd.refused` event. The host key lives at `settings.ssh_host_key` and
 is made on first start; its fingerprint and known_hosts line are logged for the agent to pin.
 
-Newest wins: a new connection authenticated by the same agent key replaces the old one at once
-(disconnected with `REPLACED_REASON`, its listener closed, the port free before the new forward
-is bound), as frp's runID and rathole do, so there is never a stale bind to wait out. Server
-keepalives drop a silent agent after interval x (count_max + 1). Presence is exact: the
-`UpstreamMonitor` hears `True` when a forward is bound and `False` when its connection ends.
+Newest wins, per agent name: a new connection authenticated as the same agent replaces the old
+one at once (disconnected with `REPLACED_REASON`, its listener closed, the port free before the
+new forward is bound), as frp's runID and rathole do, so there is never a stale bind to wait
+out. Server keepalives drop a silent agent after interval x (count_max + 1). Presence is exact:
+the pool hears of a forward when it is bound and when its connection ends.
 asyncssh sets TCP_NODELAY on the SSH socket and on every forwarded socket, so no Nagle stall.
 
 The listener is the edge's own (`loop.create_server`), with asyncssh's connection behind
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -99,28 +105,70 @@ def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
     return key
 
 
+# Called with an agent's name and its forward's base URL when the forward is bound, and with its
+# name alone when its connection ends.
+Attach = Callable[[str, str], object]
+Detach = Callable[[str], object]
+
+
+def agent_names(path: Path) -> dict[bytes, str]:
+    """Each public key in an authorized_keys file, by its key blob, with its agent's name: the
+    line's comment, else `agent-` and the start of its fingerprint. Unreadable lines are left
+    to `asyncssh.read_authorized_keys`, which refuses their keys."""
+    names: dict[bytes, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return names
+    for line in lines:
+        match = _KEY_IN_LINE.search(line)
+        if match is None or line.lstrip().startswith("#"):
+            continue
+        try:
+            key = asyncssh.import_public_key(match.group(0))
+        except (asyncssh.KeyImportError, ValueError):
+            continue
+        names[key.public_data] = agent_name(key)
+    return names
+
+
+def agent_name(key: asyncssh.SSHKey) -> str:
+    comment = key.get_comment() or ""
+    cleaned = _NAME_UNSAFE.sub("-", comment.strip())[:64].strip("-")
+    if cleaned:
+        return cleaned
+    return "agent-" + key.get_fingerprint("sha256").removeprefix("SHA256:")[:8]
+
+
+# A key type and its base64 blob, and the comment after it, wherever options put them.
+_KEY_IN_LINE = re.compile(r"(?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/=]+(?:\s+.*)?$")
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]+")
+
+
 class EmbeddedSSHServer:
-    """The listener, the agent connections, and the one forward they may hold."""
+    """The listener, the agent connections, and the forward each agent holds."""
 
     def __init__(
         self,
         settings: EdgeSettings,
-        presence: Callable[[bool | None], None] | None = None,
+        attach: Attach | None = None,
+        detach: Detach | None = None,
         *,
         port: int | None = None,
     ) -> None:
         self._settings = settings
-        self._presence = presence or (lambda _present: None)
+        self._attach = attach or (lambda _name, _url: None)
+        self._detach = detach or (lambda _name: None)
         self._port = settings.ssh_port if port is None else port
         self.bind = upstream_bind(settings.upstream)
         self.connections: set[AgentConnection] = set()
-        self._by_key: dict[str, AgentConnection] = {}
-        self.holder: AgentConnection | None = None
+        self._by_name: dict[str, AgentConnection] = {}
+        self.holders: dict[str, AgentConnection] = {}  # agent name -> its forward's connection
+        self._ports: dict[str, int] = {}  # agent name -> the loopback port it had last
         self.admission: Admission = ssh_admission(settings)
         self._listener: asyncio.Server | None = None
         self.fingerprint = ""
         self.host_public_key = ""
-        self.present = False  # an agent holds the forward
         self._changed = asyncio.Event()
 
     @property
@@ -128,6 +176,20 @@ class EmbeddedSSHServer:
         assert self._listener is not None, "start() first"
         port: int = self._listener.sockets[0].getsockname()[1]
         return port
+
+    @property
+    def present(self) -> bool:
+        """Some agent holds a forward."""
+        return bool(self.holders)
+
+    @property
+    def holder(self) -> AgentConnection | None:
+        """The connection holding a forward, when exactly one does (one agent, the tests)."""
+        return next(iter(self.holders.values())) if len(self.holders) == 1 else None
+
+    def names(self) -> list[str]:
+        """The agents the agent-keys file names now."""
+        return sorted(set(agent_names(self._settings.agent_keys).values()))
 
     async def start(self) -> None:
         """Listen; logs the host key's fingerprint and known_hosts line for the agent to pin."""
@@ -169,21 +231,20 @@ class EmbeddedSSHServer:
             address=f"{s.ssh_host}:{self.port}",
             forward=bind,
             agent_keys=str(s.agent_keys),
+            agents=self.names(),
             fingerprint=self.fingerprint,
             known_hosts_line=f"[<this-vps>]:{self.port} {self.host_public_key}",
         )
-        self._report(False)
 
-    async def wait_present(self, present: bool = True) -> None:
-        """Return once an agent holds the forward (or, with False, once none does)."""
-        while self.present is not present:
+    async def wait_present(self, present: bool = True, name: str | None = None) -> None:
+        """Return once an agent (`name`, or any) holds a forward (or, with False, once none
+        does)."""
+        while (name in self.holders if name else self.present) is not present:
             self._changed.clear()
             await self._changed.wait()
 
-    def _report(self, present: bool) -> None:
-        self.present = present
+    def _notify(self) -> None:
         self._changed.set()
-        self._presence(present)
 
     async def close(self) -> None:
         """Stop listening, then close every connection (they outlive the listener)."""
@@ -212,11 +273,11 @@ class EmbeddedSSHServer:
     def authenticated(self, agent: AgentConnection, ticket: Ticket | None) -> None:
         if ticket is not None:
             self.admission.authenticated(ticket)  # no longer counts as a startup
-        old = self._by_key.get(agent.fingerprint)
-        self._by_key[agent.fingerprint] = agent
-        log.info("sshd.agent_connected", peer=agent.peer, key=agent.fingerprint)
+        old = self._by_name.get(agent.name)
+        self._by_name[agent.name] = agent
+        log.info("sshd.agent_connected", agent=agent.name, peer=agent.peer, key=agent.fingerprint)
         if old is not None and old is not agent:
-            log.warning("sshd.agent_replaced", key=agent.fingerprint, old_peer=old.peer)
+            log.warning("sshd.agent_replaced", agent=agent.name, old_peer=old.peer)
             # Not DISC_BY_APPLICATION: asyncssh reports that as a clean close and drops the reason.
             old.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, REPLACED_REASON)
 
@@ -233,54 +294,74 @@ class EmbeddedSSHServer:
                 peer=agent.peer,
             )
             return False
-        holder = self.holder
+        holder = self.holders.get(agent.name)
         if holder is not None and holder is not agent:
-            if holder.fingerprint != agent.fingerprint:
-                log.warning(
-                    "sshd.refused",
-                    what="tcpip-forward",
-                    reason="held by another key",
-                    peer=agent.peer,
-                    holder=holder.fingerprint,
-                )
-                return False
-            try:  # the same key's old connection is closing (authenticated() replaced it)
+            try:  # the same agent's old connection is closing (authenticated() replaced it)
                 async with asyncio.timeout(_REPLACE_TIMEOUT_S):
                     await holder.closed.wait()
             except TimeoutError:
                 return False
         if agent.bound or agent.closed.is_set():
             return False
-        try:
-            listener = await listen(agent, host, port)
-        except OSError as exc:
-            log.error("sshd.bind_failed", listen=f"{host}:{port}", error=str(exc))
+        listener = await self._listen(agent, host, port)
+        if listener is None:
             return False
         if agent.closed.is_set():  # it ended while the port was being bound
             listener.close()
             return False
         agent.bound = True
-        self.holder = agent
+        self.holders[agent.name] = agent
+        bound = listener.get_port()
+        self._ports[agent.name] = bound
         log.info(
-            "sshd.forward_bound", listen=f"{host}:{port}", peer=agent.peer, key=agent.fingerprint
+            "sshd.forward_bound",
+            agent=agent.name,
+            listen=f"{host}:{bound}",
+            peer=agent.peer,
+            key=agent.fingerprint,
         )
-        self._report(True)
+        self._notify()
+        self._attach(agent.name, f"http://{_url_host(self.bind[0])}:{bound}")
         return listener
+
+    async def _listen(
+        self, agent: AgentConnection, host: str, asked: int
+    ) -> asyncssh.SSHListener | None:
+        """The agent's forward on the port it had before, else the one it asks for, else any:
+        the loopback port is the edge's own business, and several agents ask for the same."""
+        taken = {port for name, port in self._ports.items() if name != agent.name}
+        ports = [self._ports.get(agent.name), asked, 0]
+        for port in dict.fromkeys(p for p in ports if p is not None and p not in taken):
+            try:
+                return await listen(agent, self.bind[0], port, host, asked)
+            except OSError as exc:
+                log.info("sshd.port_taken", agent=agent.name, port=port, error=str(exc))
+        log.error("sshd.bind_failed", agent=agent.name, listen=f"{host}:{asked}")
+        return None
 
     def closed(self, agent: AgentConnection, exc: Exception | None) -> None:
         self.connections.discard(agent)
-        if self._by_key.get(agent.fingerprint) is agent:
-            del self._by_key[agent.fingerprint]
+        if self._by_name.get(agent.name) is agent:
+            del self._by_name[agent.name]
         reason = "closed" if exc is None else str(exc) or type(exc).__name__
         if agent.fingerprint:
             log.info(
-                "sshd.agent_disconnected", peer=agent.peer, key=agent.fingerprint, reason=reason
+                "sshd.agent_disconnected",
+                agent=agent.name,
+                peer=agent.peer,
+                key=agent.fingerprint,
+                reason=reason,
             )
         agent.release()
-        if self.holder is agent:
-            self.holder = None
-            self._report(False)
+        if self.holders.get(agent.name) is agent:
+            del self.holders[agent.name]
+            self._notify()
+            self._detach(agent.name)
         agent.closed.set()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 class _AgentServer(asyncssh.SSHServer):
@@ -291,6 +372,7 @@ class _AgentServer(asyncssh.SSHServer):
         self._agent: AgentConnection | None = None
         self._keys: asyncssh.SSHAuthorizedKeys | None = None
         self._accepted_key = ""
+        self._accepted_name = ""
         self._ticket: Ticket | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -321,11 +403,15 @@ class _AgentServer(asyncssh.SSHServer):
             )
             return False
         self._accepted_key = key.get_fingerprint("sha256")
+        self._accepted_name = agent_names(self._server._settings.agent_keys).get(
+            key.public_data, agent_name(key)
+        )
         return True
 
     def auth_completed(self) -> None:
         assert self._agent is not None
         self._agent.fingerprint = self._accepted_key
+        self._agent.name = self._accepted_name
         self._server.authenticated(self._agent, self._ticket)
 
     def session_requested(self) -> bool:

@@ -112,5 +112,5 @@ async def pair_in_front(url: str, tmp_path: Path, **settings: Any) -> AsyncItera
         # The agent's own probes stay out of the way of the requests counted.
         agent_process(tmp_path, e.sshd, bind, url, probe_interval="60"),
     ):
-        assert (await e.edge.upstream.monitor.probe(e.edge.sessions.pooled)).value == "up"
+        assert (await e.agent.monitor.probe(e.edge.sessions.pooled)).value == "up"
         yield e

@@ -23,6 +23,7 @@ from edge.app import create_app
 from edge.exchange import EXCHANGE
 from edge.http.protocol import EdgeRunner
 from edge.settings import EdgeSettings
+from edge.upstreams.agent import Agent
 from edge.upstreams.sshd import EmbeddedSSHServer
 from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
 
@@ -57,6 +58,13 @@ class Edge:
     telemetry_path: Path
     # request id -> set once the edge's middleware has finished with it (its line is written)
     ended: defaultdict[str, asyncio.Event]
+
+    @property
+    def agent(self) -> Agent:
+        """The pool's one agent (a test's single upstream, or the one agent connected)."""
+        agents = list(self.edge.pool.agents.values())
+        assert len(agents) == 1, agents
+        return agents[0]
 
     @property
     def sshd(self) -> EmbeddedSSHServer:
@@ -116,6 +124,12 @@ async def _serving_edge(built: services.Edge, path: Path) -> AsyncIterator[Edge]
     app.middlewares.insert(0, note_end)
     async with serving(app) as url:
         yield Edge(url, app, built, path, ended)
+
+
+def forwarded(sim: RunningSimulator) -> list[str]:
+    """The paths of the requests the edge sent the simulator for a client (each carries its
+    `X-Request-Id`), leaving out the pool's own probes and looks at the models."""
+    return [seen.path for seen in sim.stats.requests if "X-Request-Id" in seen.headers]
 
 
 def free_port() -> int:

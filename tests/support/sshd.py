@@ -116,17 +116,22 @@ class EmbeddedVPS:
 
     server: EmbeddedSSHServer
     settings: EdgeSettings
-    presence: list[bool | None] = field(default_factory=list)
+    presence: list[bool] = field(default_factory=list)  # each forward bound, each one ended
+    urls: dict[str, str] = field(default_factory=dict)  # each agent's forward, by name
 
     @property
     def port(self) -> int:
         return self.server.port
 
-    def record(self, present: bool | None) -> None:
-        self.presence.append(present)
+    def attached(self, name: str, url: str) -> None:
+        self.presence.append(True)
+        self.urls[name] = url
 
-    async def wait_present(self, present: bool) -> None:
-        await self.server.wait_present(present)
+    def detached(self, name: str) -> None:
+        self.presence.append(False)
+
+    async def wait_present(self, present: bool, name: str | None = None) -> None:
+        await self.server.wait_present(present, name)
 
     def abort_all(self) -> None:
         """What a crash looks like to the agent: every connection dropped at once."""
@@ -149,7 +154,7 @@ async def embedded_server(
     values.update(settings)
     config = EdgeSettings(**values)
     vps = EmbeddedVPS(server=None, settings=config)  # type: ignore[arg-type]
-    vps.server = EmbeddedSSHServer(config, vps.record, port=port)
+    vps.server = EmbeddedSSHServer(config, vps.attached, vps.detached, port=port)
     await vps.server.start()
     try:
         yield vps
