@@ -16,6 +16,7 @@ shared.errors.BackhaulError
     ├── PayloadTooLarge     413 payload_too_large
     ├── UnsupportedMediaType 415 unsupported_media_type (a compressed request body)
     ├── RateLimited         429 rate_limited      + Retry-After
+    ├── BudgetExhausted     429 budget_exhausted  + Retry-After (the key's day or month is spent)
     ├── InternalError       500 internal_error    (a bug: logged with its traceback, never sent)
     ├── UpstreamFailed      5xx upstream_error    (the model server's own 5xx, its body kept back)
     ├── UpstreamUnavailable 502 upstream_unavailable (agent up, model server down)
@@ -112,6 +113,12 @@ class UnsupportedMediaType(EdgeError):
 
 class RateLimited(EdgeError):
     status, type = 429, "rate_limited"
+
+
+class BudgetExhausted(EdgeError):
+    """The key spent its token budget for the day or month; `Retry-After` runs to the reset."""
+
+    status, type = 429, "budget_exhausted"
 
 
 class InternalError(EdgeError):

@@ -2,10 +2,10 @@
 
 One typed owner instead of a dozen app keys spread over modules (the old `edge/state.py`):
 `open_edge(settings)` builds every long-lived object, runs every background loop (the upstream
-probe, the bans saver, the keys watcher, the report of suppressed anonymous refusals) in one
-`TaskGroup`, and closes everything in reverse order through one exit stack. Production
-(`edge.serve`) and the tests (`tests/support/servers.py`) both build the edge with it and hand
-the result to `create_app(edge)`; aiohttp sees one finished object under `EDGE`.
+probe, the bans and budgets savers, the keys watcher, the report of suppressed anonymous
+refusals) in one `TaskGroup`, and closes everything in reverse order through one exit stack.
+Production (`edge.serve`) and the tests (`tests/support/servers.py`) both build the edge with it
+and hand the result to `create_app(edge)`; aiohttp sees one finished object under `EDGE`.
 
 Only handlers read `request.app[EDGE]`; everything below a handler gets its collaborators as
 arguments. This module imports no handler, so it never closes an import cycle.
@@ -33,6 +33,7 @@ from edge.metrics import EdgeMetrics
 from edge.models import ModelPolicy
 from edge.policy.admission import http_admission
 from edge.policy.bans import BanList
+from edge.policy.budgets import LocalBudgets
 from edge.policy.clients import ClientAddress
 from edge.policy.guard import Guard
 from edge.policy.keys import KeyStore
@@ -93,7 +94,9 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         settings.ban_period,
         settings.max_tracked_clients,
     )
-    guard = Guard(settings, keys, bans)
+    budgets = LocalBudgets(settings.budgets_path)
+    budgets.load()  # a budgets path that is not a regular file stops the edge here
+    guard = Guard(settings, keys, bans, budgets)
     pool = build_pool(settings)
     async with AsyncExitStack() as stack:
         telemetry = TelemetryWriter(
@@ -136,11 +139,12 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         )
         guard.start()
         stack.push_async_callback(guard.close)  # the last ban list and report are kept
+        stack.push_async_callback(budgets.close)  # and the last spend
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(_supervised(name, loop), name=name)
-                    for name, loop in _loops(edge)
+                    for name, loop in _loops(edge, budgets)
                 ]
                 try:
                     yield edge
@@ -157,11 +161,12 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
 Loop = Callable[[], Coroutine[Any, Any, None]]
 
 
-def _loops(edge: Edge) -> list[tuple[str, Loop]]:
+def _loops(edge: Edge, budgets: LocalBudgets) -> list[tuple[str, Loop]]:
     """Every background loop of the edge, by name; each started only when its task runs."""
     loops: list[tuple[str, Loop]] = [
         ("probe", partial(edge.pool.run, edge.sessions.pooled)),
         ("bans-saver", edge.guard.bans.run_saver),
+        ("budgets-saver", budgets.run_saver),
         ("suppressed-reporter", edge.guard.anonymous.run_reporter),
     ]
     keys = edge.guard.keys

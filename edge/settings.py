@@ -138,6 +138,9 @@ class EdgeSettings(BackhaulSettings):
     ban_threshold: int = Field(10, ge=1)
     ban_window: float = Field(600.0, gt=0)
     ban_period: float = Field(3600.0, gt=0)
+    # What each key with a token budget (`keys add --budget`) spent in the current day or month,
+    # saved every few seconds and at shutdown, so a restart keeps it (unset: in memory only).
+    budgets_path: Path | None = _in_state_dir("budgets.json")
     # Most entries kept in each table of bans, recent failures and rate-limit buckets: bounds
     # memory under an address spray (about 200 bytes an entry).
     max_tracked_clients: int = Field(10_000, ge=1)

@@ -1,9 +1,11 @@
 """`backhaul-edge keys add|list|revoke`: manage the API keys file the edge serves from.
 
 `add` prints the new secret once, on stdout, and stores only its SHA-256; `list` never shows a
-secret; `revoke` disables a key (kept in the file, so `list` shows it was revoked). Each command
-rewrites the file atomically under a lock file, and a running edge picks the change up within a
-second (or at once on SIGHUP) without a restart.
+secret, and shows each token budget with what the key spent of it this period (from the budgets
+file the edge saves every few seconds); `revoke` disables a key (kept in the file, so `list`
+shows it was revoked). Each command rewrites the file atomically under a lock file, and a running
+edge picks the change up within a second (or at once on SIGHUP) without a restart. There is no
+verb that edits a key: a budget is set by `add --budget`, or changed by editing the keys file.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,18 +25,33 @@ from typing import Any
 import orjson
 
 from edge.ops.timeparse import time_arg
-from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, read_keys_file, write_keys_file
+from edge.policy.budgets import Period, Spend, read_spend
+from edge.policy.keys import (
+    ApiKey,
+    Budget,
+    KeysFile,
+    digest,
+    new_secret,
+    read_keys_file,
+    write_keys_file,
+)
 from edge.settings import EdgeSettings
 from shared.errors import ConfigError
 
 # Hours, days and weeks: `m` is left out, since in an expiry it reads as months as well as minutes.
 _EXPIRY_UNITS = "hdw"
+# A budget as typed: `1000000/month`, `1M/month`, `500k/day`, `1.5M/month`.
+_BUDGET = re.compile(r"(\d+(?:\.\d+)?)([kKmM]?)/(day|month)")
+_MULTIPLIERS = {"": 1, "k": 1_000, "m": 1_000_000}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("keys", help="manage API keys", description=__doc__)
     parser.add_argument("--config", type=Path, help="TOML file (default /etc/backhaul/edge.toml)")
     parser.add_argument("--keys-path", type=Path, help="the keys file (default from settings)")
+    parser.add_argument(
+        "--budgets-path", type=Path, help="the edge's budgets file (default from settings)"
+    )
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
     add = sub.add_parser("add", help="create a key and print its secret once")
@@ -47,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--rpm", type=_positive, help="requests per minute")
     add.add_argument("--tpm", type=_positive, help="tokens (prompt + generated) per minute")
     add.add_argument("--max-concurrency", type=_positive, help="requests in flight at once")
+    add.add_argument(
+        "--budget",
+        type=_budget,
+        metavar="TOKENS/PERIOD",
+        help="tokens per UTC day or month: 1000000/month, 1M/month, 500k/day",
+    )
     add.add_argument(
         "--expires",
         type=time_arg(ago=False, units=_EXPIRY_UNITS),
@@ -68,6 +93,19 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _budget(text: str) -> Budget:
+    match = _BUDGET.fullmatch(text.strip())
+    tokens = 0.0
+    if match is not None:
+        tokens = float(match[1]) * _MULTIPLIERS[match[2].lower()]
+    if match is None or tokens < 1 or not tokens.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a budget: write TOKENS/day or TOKENS/month, "
+            "e.g. 1000000/month, 1M/month, 500k/day"
+        )
+    return Budget(tokens=int(tokens), period="day" if match[3] == "day" else "month")
 
 
 def _keys_path(args: argparse.Namespace) -> Path:
@@ -118,6 +156,7 @@ def run_add(args: argparse.Namespace) -> int:
         rpm=args.rpm,
         tpm=args.tpm,
         max_concurrency=args.max_concurrency,
+        budget=args.budget,
     )
     with _locked(path) as keys:
         if any(k.name == key.name for k in keys.keys):
@@ -137,30 +176,63 @@ def run_add(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     path = _keys_path(args)
     keys = _read(path)
-    now = datetime.now(UTC).timestamp()
+    now = time.time()
+    spend = _spend(args) if any(k.budget for k in keys.keys) else {}
+    rows = [_row(k, now, spend) for k in keys.keys]
     if args.json:
-        rows = [_row(k, now) for k in keys.keys]
         sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
     if not keys.keys:
         print(f"no keys in {path}; add one with: backhaul-edge keys add NAME")
         return 0
-    print(f"{'name':<20} {'state':<8} {'expires':<20} {'rpm':>6} {'tpm':>8} {'conc':>4}  models")
-    for key in keys.keys:
-        row = _row(key, now)
+    print(
+        f"{'name':<20} {'state':<8} {'expires':<20} {'rpm':>6} {'tpm':>8} {'conc':>4} "
+        f"{'budget':>12} {'spent':>18}  models"
+    )
+    for key, row in zip(keys.keys, rows, strict=True):
         print(
             f"{key.name:<20} {row['state']:<8} {row['expires'] or '-':<20} "
-            f"{key.rpm or '-':>6} {key.tpm or '-':>8} {key.max_concurrency or '-':>4}  "
+            f"{key.rpm or '-':>6} {key.tpm or '-':>8} {key.max_concurrency or '-':>4} "
+            f"{_budget_text(key.budget):>12} {_spent_text(row['spent']):>18}  "
             f"{', '.join(sorted(key.models)) or '(all allowed)'}"
         )
     return 0
 
 
-def _row(key: ApiKey, now: float) -> dict[str, Any]:
+def _spend(args: argparse.Namespace) -> Spend:
+    path = args.budgets_path
+    if path is None:
+        path = EdgeSettings.load(args.config).budgets_path
+    return {} if path is None else read_spend(Path(path))
+
+
+def _row(key: ApiKey, now: float, spend: Spend) -> dict[str, Any]:
     state = "revoked" if not key.enabled else "expired" if key.expired(now) else "active"
     row = key.model_dump(mode="json", exclude={"hash"})
     row["state"] = state
+    row["spent"] = None
+    if key.budget is not None:
+        period = Period.current(key.budget.period, now)
+        tokens = spend.get(key.name, {}).get(period.label, 0)
+        row["spent"] = {
+            "period": period.label,
+            "tokens": tokens,
+            "percent": round(100 * tokens / key.budget.tokens, 1),
+            "resets": period.end.isoformat().replace("+00:00", "Z"),
+        }
     return row
+
+
+def _budget_text(budget: Budget | None) -> str:
+    if budget is None:
+        return "-"
+    n = budget.tokens
+    amount = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else n
+    return f"{amount}/{budget.period}"
+
+
+def _spent_text(spent: dict[str, Any] | None) -> str:
+    return "-" if spent is None else f"{spent['tokens']:,} ({spent['percent']}%)"
 
 
 @_guarded

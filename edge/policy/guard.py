@@ -3,10 +3,11 @@
 DESIGN.md §4 step 2, in this order and before the body is read: a banned address is refused
 (403 `banned`); then the caller must present a valid key (`Authorization: Bearer bh_...`, what
 the openai and ollama SDKs send), unless the route is a health probe or an anonymous feature;
-then the key's and the feature's rate limits apply (429 `rate_limited` + `Retry-After` and
-`RateLimit-*`); the route allowlist comes after, so a valid key still gets 404 on a route that
-is not proxied. A key's tokens per minute are charged after the response (`settle`), from the
-figures the model server reported.
+then the key's token budget (429 `budget_exhausted` until its day or month resets,
+`edge.policy.budgets`) and the key's and the feature's rate limits apply (429 `rate_limited` +
+`Retry-After` and `RateLimit-*`); the route allowlist comes after, so a valid key still gets 404
+on a route that is not proxied. A key's tokens per minute and its budget are charged after the
+response (`settle`), from the figures the model server reported.
 
 Nothing here awaits: the whole check is a few dict lookups and one SHA-256, well under the
 0.2 ms the benchmark allows. The secret is never logged; the telemetry line carries the key's
@@ -37,9 +38,10 @@ from typing import Protocol
 import structlog
 from aiohttp import hdrs, web
 
-from edge.errors import Banned, Forbidden, RateLimited, Unauthorized, UnknownClient
+from edge.errors import Banned, BudgetExhausted, Forbidden, RateLimited, Unauthorized, UnknownClient
 from edge.exchange import Exchange
 from edge.policy.bans import BanList
+from edge.policy.budgets import BudgetStore, LocalBudgets, Period
 from edge.policy.clients import address_group
 from edge.policy.keys import ApiKey, KeyStore
 from edge.policy.limits import Buckets, Decision
@@ -89,10 +91,12 @@ class Guard:
         settings: EdgeSettings,
         keys: KeyStore | None,
         bans: BanList,
+        budgets: BudgetStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.keys = keys  # None: auth=none
         self.bans = bans
+        self.budgets = budgets if budgets is not None else LocalBudgets(None)
         self.anonymous_rpm = settings.anonymous_rpm
         self.key_rpm = Buckets(settings.max_tracked_clients, clock)
         self.key_tpm = Buckets(settings.max_tracked_clients, clock)
@@ -170,12 +174,17 @@ class Guard:
             raise Forbidden(f"this key may not use feature '{feature.name}'")
 
     def settle(self, ex: Exchange) -> None:
-        """After the response: charge the tokens it used to the key's tokens-per-minute."""
+        """After the response: charge the tokens it used to the key's tokens-per-minute and
+        to its budget's current period."""
         key = ex.key
-        if key is None or key.tpm is None:
+        if key is None or (key.tpm is None and key.budget is None):
             return
         used = (ex.record.prompt_tokens or 0) + (ex.record.tokens or 0)
-        self.key_tpm.charge(key.name, key.tpm, used)
+        if key.tpm is not None:
+            self.key_tpm.charge(key.name, key.tpm, used)
+        if key.budget is not None and self.keys is not None:
+            period = Period.current(key.budget.period, self.keys.clock())
+            self.budgets.charge(key.name, period, used)
 
     def _authenticate(
         self, request: web.Request, ex: Exchange, feature: Feature | None
@@ -235,6 +244,7 @@ class Guard:
         # Every check first, then the takes: a refused request takes nothing from any bucket.
         checks: list[tuple[Buckets, Hashable, int, str]] = []
         if key is not None:
+            self._check_budget(key)
             if key.tpm is not None and not self.key_tpm.allows(key.name, key.tpm):
                 decision = self.key_tpm.decision(key.name, key.tpm)
                 raise _limited(f"key '{key.name}' used its {key.tpm} tokens per minute", decision)
@@ -266,6 +276,21 @@ class Guard:
         # The headers speak for the tightest limit.
         buckets, name, limit, _ = min(checks, key=lambda c: c[0].decision(c[1], c[2]).remaining)
         ex.rate_headers = buckets.headers(name, limit)
+
+    def _check_budget(self, key: ApiKey) -> None:
+        """Refuse a key whose budget is spent for the current period, until the period ends."""
+        if key.budget is None or self.keys is None:
+            return
+        now = self.keys.clock()
+        period = Period.current(key.budget.period, now)
+        if self.budgets.spent(key.name, period) < key.budget.tokens:
+            return
+        resets = period.end.isoformat().replace("+00:00", "Z")
+        raise BudgetExhausted(
+            f"key '{key.name}' used its budget of {key.budget.tokens} tokens per "
+            f"{key.budget.period}; it resets at {resets}",
+            headers={"Retry-After": str(max(1, math.ceil(period.end.timestamp() - now)))},
+        )
 
 
 class AnonymousLines:

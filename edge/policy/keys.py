@@ -2,8 +2,9 @@
 
 The keys file (`BACKHAUL_EDGE_KEYS_PATH`, JSON, written by `backhaul-edge keys`) holds one entry
 per key: its name, the SHA-256 of its secret, an enabled flag, an optional expiry, a model
-allowlist and its limits (requests and tokens per minute, concurrency). The secret itself is
-shown once by `keys add` and stored nowhere.
+allowlist, its limits (requests and tokens per minute, concurrency) and an optional token budget
+per UTC day or month (`edge.policy.budgets`). The secret itself is shown once by `keys add` and
+stored nowhere.
 
 Why a fast hash and not bcrypt or argon2: a secret is `bh_` plus 256 random bits, so there is
 nothing to guess and nothing a slow hash would protect; a slow hash only adds its cost (tens of
@@ -41,6 +42,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edge.models import canonical_model
+from edge.policy.budgets import PeriodKind
 from shared.atomic import replace_file
 from shared.errors import ConfigError
 
@@ -51,6 +53,15 @@ SECRET_PREFIX = "bh_"  # noqa: S105 - a prefix, not a secret
 _SECRET = re.compile(r"bh_[A-Za-z0-9_-]{43}")
 _DIGEST_PREFIX = "sha256:"
 KeyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class Budget(BaseModel):
+    """Tokens (prompt + generated) a key may use per UTC calendar day or month."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens: int = Field(ge=1)
+    period: PeriodKind
 
 
 class ApiKey(BaseModel):
@@ -68,6 +79,7 @@ class ApiKey(BaseModel):
     rpm: int | None = Field(None, ge=1)  # requests per minute
     tpm: int | None = Field(None, ge=1)  # tokens (prompt + generated) per minute
     max_concurrency: int | None = Field(None, ge=1)  # requests in flight at once
+    budget: Budget | None = None  # tokens per day or month; refused 429 once spent
 
     @field_validator("created", "expires")
     @classmethod
