@@ -7,6 +7,10 @@ the agent's one `AgentStatus` at scrape time, so it cannot disagree with the sta
 listens on 127.0.0.1 only: nothing on the workstation listens on a public interface
 (DESIGN.md §1), so there is no address setting and no token.
 
+The unlabelled tunnel series are the first edge's, as in `status.json`; the
+`backhaul_agent_edge_*` families carry every edge's own connection, labelled `edge="host:port"`
+(one series per edge, the first included), for an agent with `extra_edges`.
+
 Resource handling: `metrics_server()` owns its aiohttp runner; `run_metrics()` serves until it
 is cancelled, as one task in the agent's task group.
 """
@@ -23,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from agent.status import StatusBoard
+from agent.status import EdgeStatus, StatusBoard
 
 HOST = "127.0.0.1"
 
@@ -93,6 +97,52 @@ class _StatusCollector(Collector):
             for model in s.warm_models:
                 warm.add_metric([model], int(model in s.warmed))
             yield warm
+        yield from _edge_families(s.edges)
+
+
+def _edge_families(edges: list[EdgeStatus]) -> Iterator[Metric]:
+    """Each edge's connection, labelled by its host:port."""
+    if not edges:
+        return
+    connected = GaugeMetricFamily(
+        "backhaul_agent_edge_connected",
+        "1 while this edge's SSH connection and reverse forward are up.",
+        labels=["edge"],
+    )
+    connects = CounterMetricFamily(
+        "backhaul_agent_edge_connects", "Successful connections to this edge.", labels=["edge"]
+    )
+    reconnects = CounterMetricFamily(
+        "backhaul_agent_edge_reconnects",
+        "Connections to this edge after the first one.",
+        labels=["edge"],
+    )
+    since = GaugeMetricFamily(
+        "backhaul_agent_edge_connected_since_seconds",
+        "Unix time this edge's current connection came up.",
+        labels=["edge"],
+    )
+    dropped = GaugeMetricFamily(
+        "backhaul_agent_edge_last_disconnect_seconds",
+        "Unix time of this edge's last disconnect.",
+        labels=["edge"],
+    )
+    error = GaugeMetricFamily(
+        "backhaul_agent_edge_error_info",
+        "Why this edge is not connected: transient (retrying) or permanent (fix needed).",
+        labels=["edge", "kind", "error"],
+    )
+    for e in edges:
+        connected.add_metric([e.edge], int(e.connected))
+        connects.add_metric([e.edge], e.connects)
+        reconnects.add_metric([e.edge], e.reconnects)
+        if e.connected_since is not None:
+            since.add_metric([e.edge], e.connected_since)
+        if e.last_disconnect is not None:
+            dropped.add_metric([e.edge], e.last_disconnect)
+        if e.last_error and not e.connected:
+            error.add_metric([e.edge, e.last_error_kind or "", e.last_error], 1)
+    yield from (connected, connects, reconnects, since, dropped, error)
 
 
 def create_metrics_app(board: StatusBoard) -> web.Application:

@@ -1,9 +1,15 @@
-"""`backhaul-agent run`: keep the tunnel up and watch the local model server until SIGTERM.
+"""`backhaul-agent run`: keep the tunnels up and watch the local model server until SIGTERM.
 
-The process owns four tasks in one task group: the tunnel loop, the model-server probe, the
-systemd watchdog ping, and the READY=1 that waits for the first forward. SIGTERM and SIGINT
-cancel them (the tunnel closes its connection first) and the process exits 0 within a second;
-SIGHUP makes the tunnel reconnect at once (`systemctl reload backhaul-agent`).
+The process owns its tasks in one task group: a tunnel loop per edge (`ssh_host`, then each of
+`extra_edges`), the model-server probe, the systemd watchdog ping, and the READY=1 that waits
+for the first forward on any edge. SIGTERM and SIGINT cancel them (each tunnel closes its
+connection first) and the process exits 0 within a second; SIGHUP makes every tunnel reconnect
+at once (`systemctl reload backhaul-agent`).
+
+Edges are independent: each loop sorts its own failures and backs off on its own, so an edge
+that is down, refuses the key or pins the wrong host key costs the others nothing. What escapes
+a loop is a bug, not an edge's state: it is logged with its edge and stops the agent, as with
+one edge (systemd restarts it), rather than leave a forward silently missing.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         )
         # Fail at start, not at the first connect, on what only the operator can fix.
         ssh.load_client_key(settings)
-        ssh.load_known_hosts(settings)
+        for edge in settings.per_edge():
+            ssh.load_known_hosts(edge)
         read_key_file(settings.upstream_api_key_file, API_KEY_SETTING)
     except ConfigError as exc:
         print(f"backhaul-agent: {exc}", file=sys.stderr)
@@ -84,7 +91,8 @@ async def serve(
     """Run the agent until `stop` is set (SIGTERM, SIGINT); returns the exit status.
 
     Resource handling: every task lives in one task group; a crash in any of them cancels the
-    others and propagates (systemd restarts the service).
+    others and propagates (systemd restarts the service). An edge's failures are not crashes:
+    its own tunnel loop retries them.
     """
     notifier = notifier or Notifier(None)
     remote = f"{settings.ssh_host}:{settings.ssh_port}"
@@ -100,23 +108,29 @@ async def serve(
         upstream=settings.upstream,
         warm_models=list(settings.warm_models),
     )
-    tunnel = Tunnel(settings, board)
+    tunnels = [Tunnel(edge, board) for edge in settings.per_edge()]
     model_server = ModelServer(settings, board)
-    with runtime.stop_on_signals(stop, on_sighup=tunnel.reconnect_now) as stop:
+
+    def reconnect_all() -> None:
+        for tunnel in tunnels:
+            tunnel.reconnect_now()
+
+    with runtime.stop_on_signals(stop, on_sighup=reconnect_all) as stop:
         log.info(
             "agent.starting",
             vps=remote,
             remote_bind=settings.remote_bind,
             model_server=settings.upstream,
+            edges=[tunnel.edge for tunnel in tunnels],
         )
         board.publish()
         runtime.tune_gc()  # every forwarded byte crosses this loop: no GC pauses on its tail
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(tunnel.run_tunnel(), name="tunnel"),
+            tasks = [tg.create_task(_hold(t), name=f"tunnel {t.edge}") for t in tunnels]
+            tasks += [
                 tg.create_task(model_server.run(), name="model-server"),
                 tg.create_task(notifier.run_watchdog(), name="watchdog"),
-                tg.create_task(_ready_when_up(tunnel, notifier, board), name="ready"),
+                tg.create_task(_ready_when_up(tunnels, notifier, board), name="ready"),
             ]
             if settings.metrics_port:
                 tasks.append(
@@ -132,7 +146,26 @@ async def serve(
     return 0
 
 
-async def _ready_when_up(tunnel: Tunnel, notifier: Notifier, board: StatusBoard) -> None:
-    await tunnel.wait_up()
+async def _hold(tunnel: Tunnel) -> None:
+    """One edge's loop; it never ends but by cancellation or a bug, said with its edge."""
+    try:
+        await tunnel.run_tunnel()
+    except Exception:
+        log.exception("agent.tunnel_crashed", edge=tunnel.edge)
+        raise
+
+
+async def wait_any_up(tunnels: list[Tunnel]) -> Tunnel:
+    """Return the first tunnel whose forward is up (at once if one is)."""
+    async with asyncio.TaskGroup() as tg:
+        waits = {tg.create_task(t.wait_up()): t for t in tunnels}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    return waits[done.pop()]
+
+
+async def _ready_when_up(tunnels: list[Tunnel], notifier: Notifier, board: StatusBoard) -> None:
+    first = await wait_any_up(tunnels)
     notifier.ready(board.status.summary())
-    log.info("agent.ready")
+    log.info("agent.ready", edge=first.edge)

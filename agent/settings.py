@@ -11,11 +11,45 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from shared.protocol import TUNNEL_PORT
 from shared.settings import BackhaulSettings, url_address
+
+
+def _check_bind(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("remote_bind must be host:port, e.g. 127.0.0.1:11434")
+    return value
+
+
+class EdgeTarget(BaseModel):
+    """One more VPS the agent dials, besides `ssh_host`; unset fields are the agent's own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The VPS's address and SSH port, as for `ssh_host` and `ssh_port`.
+    host: str
+    port: int = Field(2222, ge=1, le=65535)
+    # The SSH user on this VPS; unset: the agent's `ssh_user`.
+    user: str | None = None
+    # The file pinning this VPS's host key; unset: the agent's `known_hosts` (one file may pin
+    # every edge, a line each).
+    known_hosts: Path | None = None
+    # The loopback host:port to listen on there (that edge's BACKHAUL_EDGE_UPSTREAM); unset: the
+    # agent's `remote_bind`.
+    remote_bind: str | None = None
+
+    @field_validator("remote_bind")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        return None if value is None else _check_bind(value)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class AgentSettings(BackhaulSettings):
@@ -24,7 +58,8 @@ class AgentSettings(BackhaulSettings):
     model_config = SettingsConfigDict(env_prefix="BACKHAUL_AGENT_")
     default_config_file: ClassVar[Path | None] = Path("/etc/backhaul/agent.toml")
 
-    # Where to dial: the VPS's sshd (22) or the edge's embedded server (2222, the default).
+    # Where to dial: the VPS's sshd (22) or the edge's embedded server (2222, the default). This
+    # is the first edge; `extra_edges` lists the others.
     ssh_host: str = "127.0.0.1"
     ssh_port: int = Field(2222, ge=1, le=65535)
     ssh_user: str = "backhaul"
@@ -33,6 +68,10 @@ class AgentSettings(BackhaulSettings):
     known_hosts: Path = Path("known_hosts")
     # The VPS loopback address the forward listens on; the edge's BACKHAUL_EDGE_UPSTREAM.
     remote_bind: str = f"127.0.0.1:{TUNNEL_PORT}"
+    # More edges (VPSes behind DNS or a load balancer) to hold a forward to at the same time,
+    # each on its own connection with its own backoff and status; in TOML, one `[[extra_edges]]`
+    # table each (`host = "vps2.example.net"`). Empty (the default): only `ssh_host`.
+    extra_edges: list[EdgeTarget] = []
     # The local model server the forward ends at.
     upstream: str = "http://127.0.0.1:11434"  # Ollama's own port, on the workstation
     # A file holding the model server's own API key (vLLM's or llama.cpp's `--api-key`), sent as
@@ -74,10 +113,17 @@ class AgentSettings(BackhaulSettings):
     @field_validator("remote_bind")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("remote_bind must be host:port, e.g. 127.0.0.1:11434")
-        return value
+        return _check_bind(value)
+
+    @model_validator(mode="after")
+    def _distinct_edges(self) -> AgentSettings:
+        # Two connections with one key to one edge replace each other forever (`Replaced`).
+        seen = {f"{self.ssh_host}:{self.ssh_port}"}
+        for target in self.extra_edges:
+            if target.address in seen:
+                raise ValueError(f"edge {target.address} is listed twice")
+            seen.add(target.address)
+        return self
 
     @field_validator("upstream")
     @classmethod
@@ -92,6 +138,23 @@ class AgentSettings(BackhaulSettings):
         """`remote_bind` split into the listen host and port requested from the VPS."""
         host, _, port = self.remote_bind.rpartition(":")
         return host.strip("[]"), int(port)
+
+    def per_edge(self) -> list[AgentSettings]:
+        """One settings object per edge, `ssh_host` first: what a one-edge agent dialling that
+        edge alone would read (the `extra_edges` entry's fields over the agent's own)."""
+        first = self.model_copy(update={"extra_edges": []})
+        return [first] + [
+            first.model_copy(
+                update={
+                    "ssh_host": target.host,
+                    "ssh_port": target.port,
+                    "ssh_user": target.user or self.ssh_user,
+                    "known_hosts": target.known_hosts or self.known_hosts,
+                    "remote_bind": target.remote_bind or self.remote_bind,
+                }
+            )
+            for target in self.extra_edges
+        ]
 
     @property
     def model_server_address(self) -> tuple[str, int]:

@@ -3,7 +3,8 @@
 It reads the file (`agent.status`) rather than asking the agent, so it works when the agent is
 stuck, crashed or stopped, and says so: it exits 0 when the tunnel and the model server are both
 up, 1 when either is down, 3 when no running agent wrote it (the file is missing, or its process
-is gone), 2 for settings it cannot read.
+is gone), 2 for settings it cannot read. With several edges, "the tunnel is up" means every
+edge's forward is: one edge down is a degraded agent (its clients get 503s), so it exits 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from agent.settings import AgentSettings
-from agent.status import STATUS_FILE, AgentStatus, read_status
+from agent.status import STATUS_FILE, AgentStatus, EdgeStatus, read_status
 from shared.errors import ConfigError
 
 # Exit statuses, for scripts and monitoring checks.
@@ -67,11 +68,32 @@ def run(args: argparse.Namespace) -> int:
         print(_render(status, running))
     if not running:
         return EXIT_UNKNOWN
-    return EXIT_UP if status.connected and status.upstream_up else EXIT_DEGRADED
+    return EXIT_UP if _all_up(status) and status.upstream_up else EXIT_DEGRADED
+
+
+def _all_up(s: AgentStatus) -> bool:
+    return all(e.connected for e in s.edges) if s.edges else s.connected
 
 
 def _ago(then: float | None, now: float) -> str:
     return "never" if then is None else f"{now - then:.0f}s ago"
+
+
+def _render_edge(e: EdgeStatus, now: float) -> str:
+    """One edge as an indented block: its state, and why it is down with the fix."""
+    if e.connected:
+        return f"  {e.edge}  UP since {_ago(e.connected_since, now)}, listening on {e.remote_bind}"
+    lines = [f"  {e.edge}  DOWN, last drop {_ago(e.last_disconnect, now)}"]
+    if e.last_disconnect_reason:
+        lines[0] += f": {e.last_disconnect_reason}"
+    if e.last_error:
+        retry = ""
+        if e.next_retry_in is not None:
+            retry = f", retry in {max(0.0, e.next_retry_in - (now - e.updated)):.1f}s"
+        lines.append(f"    error {e.last_error_kind}: {e.last_error}{retry}")
+    if e.fix:
+        lines.append(f"    fix   {e.fix}")
+    return "\n".join(lines)
 
 
 def _render(s: AgentStatus, running: bool) -> str:
@@ -91,6 +113,11 @@ def _render(s: AgentStatus, running: bool) -> str:
             lines.append(f"next retry   in {max(0.0, s.next_retry_in - (now - s.updated)):.1f}s")
     if s.fix and not s.connected:
         lines.append(f"fix          {s.fix}")
+    if len(s.edges) > 1:
+        lines.append(
+            f"edges        {s.edges_up} of {len(s.edges)} up (the tunnel above: the first)"
+        )
+        lines.extend(_render_edge(e, now) for e in s.edges)
     state = {None: "not probed yet", True: "UP", False: "DOWN"}[s.upstream_up]
     detail = s.upstream_reason if s.upstream_up is False else s.upstream_version
     kind = f" {s.upstream_kind}" if s.upstream_kind else ""

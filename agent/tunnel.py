@@ -29,6 +29,10 @@ delayed ACK. Measured here against OpenSSH 9.2: one exec on a session fixes it f
 the connection even when the command (the key's forced `/bin/false`) exits at once, so after the
 forward is up the agent runs one, when the server is OpenSSH (`open_session`).
 
+One `Tunnel` holds one edge's forward: an agent with several edges (`extra_edges`) runs one each
+(`agent.run`), every one with its own connection, backoff and status entry, and every event of
+its own carries `edge=host:port`.
+
 Shutdown (SIGTERM cancels `run_tunnel`): the connection is closed first, which closes its
 listener with it; the listener is never awaited before the connection is closed (awaiting it
 first can wait on open forwarded connections forever: tunstrap #50). SIGHUP calls
@@ -99,7 +103,10 @@ class Tunnel:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
+        self.edge = f"{settings.ssh_host}:{settings.ssh_port}"
+        self._log = log.bind(edge=self.edge)
         self._board = board or StatusBoard(None)
+        self._board.add_edge(self.edge, settings.remote_bind)
         self._sleep = sleep
         self._clock = clock
         self.backoff = Backoff(
@@ -135,7 +142,7 @@ class Tunnel:
 
     def reconnect_now(self) -> None:
         """SIGHUP: drop the current connection, if any, and dial again without a backoff wait."""
-        log.info("tunnel.reconnect_requested", connected=self.is_up)
+        self._log.info("tunnel.reconnect_requested", connected=self.is_up)
         self._kick.set()
         if self._conn is not None:
             self._closed_by_us = "reconnect requested (SIGHUP)"
@@ -154,8 +161,10 @@ class Tunnel:
                 delay = self.backoff.next_delay()
             if self._kick.is_set():
                 delay = 0.0
-            self._board.retry_in(delay)
-            log.info("tunnel.retry_scheduled", delay_s=round(delay, 3), attempt=self.attempts + 1)
+            self._board.retry_in(delay, self.edge)
+            self._log.info(
+                "tunnel.retry_scheduled", delay_s=round(delay, 3), attempt=self.attempts + 1
+            )
             await self._pause(delay)
 
     async def connect_once(self) -> None:
@@ -170,7 +179,7 @@ class Tunnel:
         s = self._settings
         try:
             options = ssh.client_options(s)
-            log.debug("tunnel.connecting", vps=f"{s.ssh_host}:{s.ssh_port}")
+            self._log.debug("tunnel.connecting")
             conn, owner = await asyncssh.create_connection(
                 _Client, s.ssh_host, s.ssh_port, options=options
             )
@@ -198,7 +207,7 @@ class Tunnel:
                 async with asyncio.timeout(_CLOSE_TIMEOUT_S):
                     await conn.wait_closed()
             except TimeoutError:
-                log.debug("tunnel.close_timeout")
+                self._log.debug("tunnel.close_timeout")
             if up:  # cancelled while up: SIGTERM
                 self._mark_down("agent stopping")
 
@@ -232,9 +241,9 @@ class Tunnel:
             async with asyncio.timeout(_NUDGE_TIMEOUT_S):
                 # The key's forced command replaces "true"; either way it exits at once.
                 result = await conn.run("true", check=False)
-            log.debug("tunnel.session_opened", exit_status=result.exit_status)
+            self._log.debug("tunnel.session_opened", exit_status=result.exit_status)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
-            log.warning(
+            self._log.warning(
                 "tunnel.session_refused",
                 error=describe(exc),
                 consequence="small forwarded responses may wait ~40 ms (Nagle, docs/deploy.md)",
@@ -250,39 +259,38 @@ class Tunnel:
         self._kick.clear()
         self._down.clear()
         self._up.set()
-        log.info(
+        self._log.info(
             "tunnel.up",
-            vps=f"{s.ssh_host}:{s.ssh_port}",
             remote_bind=s.remote_bind,
             model_server=s.upstream,
             server_version=conn.get_extra_info("server_version"),
             cipher=self.cipher,
             reconnects=self.connects - 1,
         )
-        self._board.tunnel_up(self.connects)
+        self._board.tunnel_up(self.connects, self.edge)
 
     def _mark_down(self, reason: str) -> None:
         uptime = self._clock() - self._up_since
         self.last_down_reason = reason
         self._up.clear()
         self._down.set()
-        log.warning("tunnel.down", cause=reason, uptime_s=round(uptime, 3))
-        self._board.tunnel_down(reason)
+        self._log.warning("tunnel.down", cause=reason, uptime_s=round(uptime, 3))
+        self._board.tunnel_down(reason, self.edge)
 
     def _after_failure(self, err: TunnelError) -> float:
         self.last_error = err
         self.failures[type(err).__name__] += 1
         self._down.set()
         if err.kind == "permanent":
-            log.error("tunnel.failed", kind=err.kind, error=err.message, fix=err.fix or None)
+            self._log.error("tunnel.failed", kind=err.kind, error=err.message, fix=err.fix or None)
             delay = self.backoff.at_cap()
         elif isinstance(err, ForwardRefused):
-            log.info("tunnel.forward_refused", error=err.message)
+            self._log.info("tunnel.forward_refused", error=err.message)
             delay = self.backoff.next_delay()
         else:
-            log.warning("tunnel.failed", kind=err.kind, error=err.message)
+            self._log.warning("tunnel.failed", kind=err.kind, error=err.message)
             delay = self.backoff.next_delay()
-        self._board.tunnel_failed(err)
+        self._board.tunnel_failed(err, self.edge)
         return delay
 
     async def _sleep_for(self, delay: float) -> None:
