@@ -199,11 +199,11 @@ def render_class(
     """The groups of `cls` as sections of tables."""
     groups = field_groups(cls)
     done: set[int] = set()
-    nested: list[tuple[str, type[BaseModel]]] = []
+    nested: list[tuple[str, type[BaseModel], bool]] = []
     for name, info in cls.model_fields.items():
         group = groups.get(name, Group("", [name]))
         for model in nested_models(info.annotation):
-            nested.append((name, model))
+            nested.append((name, model, get_origin(info.annotation) is list))
         if id(group) in done:
             continue
         done.add(id(group))
@@ -235,8 +235,9 @@ def render_class(
                 row.append(f"`{flags[member]}`" if member in flags else "")
             yield "| " + " | ".join(row) + " |"
         yield ""
-    for name, model in nested:
-        yield f"#### In each `[{key_prefix}{name}.NAME]` table (`{model.__name__}`)"
+    for name, model, listed in nested:
+        table = f"[[{key_prefix}{name}]]" if listed else f"[{key_prefix}{name}.NAME]"
+        yield f"#### In each `{table}` table (`{model.__name__}`)"
         yield ""
         yield from render_class(model, None, "", {})
 

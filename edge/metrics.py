@@ -35,7 +35,7 @@ import hmac
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import ip_address
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 import structlog
@@ -52,6 +52,9 @@ from edge.routes import BY_PATH, FEATURE_PREFIX, OWN_PATHS
 from edge.telemetry import TelemetryWriter
 from edge.upstreams.base import State
 from edge.upstreams.pool import Pool
+
+if TYPE_CHECKING:
+    from edge.cluster.link import RedisLink
 
 log = structlog.get_logger(__name__)
 
@@ -196,7 +199,15 @@ class EdgeMetrics:
             "dead before any answer (a server that closes kept-alive connections).",
             registry=r,
         )
-        r.register(_LiveCollector(pool, telemetry))
+        self.limiter = Counter(
+            "backhaul_limiter_decisions",
+            "Rate-limit decisions by who made them: redis (the edges' shared limits) or local "
+            "(this edge's own, or its share while Redis is away).",
+            ["limiter"],
+            registry=r,
+        )
+        self.live = _LiveCollector(pool, telemetry)
+        r.register(self.live)
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request. Never raises: a failure is logged once, then skipped."""
@@ -235,6 +246,8 @@ class EdgeMetrics:
             child(self.agent_requests, self._agents(record.agent), str(record.status)).inc()
         if record.failovers:
             self.failovers.inc(record.failovers)
+        if record.limiter is not None:
+            child(self.limiter, record.limiter).inc()
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, remembered: `labels()` validates and locks on every call,
@@ -269,6 +282,7 @@ class _LiveCollector(Collector):
 
     def __init__(self, pool: Pool, telemetry: TelemetryWriter) -> None:
         self._pool, self._telemetry = pool, telemetry
+        self.link: RedisLink | None = None  # the edges' shared Redis, when there is one
 
     def describe(self) -> Iterable[Metric]:
         return ()  # the families depend on live objects; nothing to check at registration
@@ -342,6 +356,15 @@ class _LiveCollector(Collector):
         yield reconnects
         yield tokens
         yield states
+        link = self.link
+        if link is not None:
+            yield _gauge("backhaul_redis_up", "1 while the edges' Redis answers.", int(link.up))
+            yield _gauge("backhaul_edges", "Edges sharing the Redis, as last counted.", link.edges)
+            errors = CounterMetricFamily(
+                "backhaul_redis_errors", "Calls to Redis that failed or passed the timeout."
+            )
+            errors.add_metric([], link.errors)
+            yield errors
         telemetry = self._telemetry
         lines = CounterMetricFamily(
             "backhaul_telemetry_lines",

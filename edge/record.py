@@ -42,6 +42,9 @@ class RequestRecord:
     agent: str | None = None  # the workstation that answered (or failed last), by its name
     upstream_retries: int = 0  # resends on a new connection after a reused one was dead
     failovers: int = 0  # other agents tried after one failed before any byte reached the client
+    # Who decided the rate limits: "local" (this edge's buckets) or "redis" (the edges'
+    # shared ones); None when no limit applied.
+    limiter: str | None = None
     queue_ms: float | None = None
     ttfb_ms: float | None = None  # sending upstream to its response headers
     # Sending upstream to the first generated token of a stream; for a buffered answer, the

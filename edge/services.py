@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from edge.cluster import Cluster, open_cluster
 from edge.metrics import EdgeMetrics
 from edge.models import ModelPolicy
 from edge.policy.admission import http_admission
@@ -68,6 +69,7 @@ class Edge:
     metrics: EdgeMetrics
     listeners: Listeners  # connection caps at accept, per listener
     sshd: EmbeddedSSHServer | None  # the embedded SSH server, when `ssh_port` is set
+    cluster: Cluster | None  # the state several edges share, when `redis_url` is set
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -105,6 +107,10 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         stack.push_async_callback(telemetry.aclose)
         sessions = await stack.enter_async_context(connections.sessions(settings, upstream_key))
         metrics = EdgeMetrics(settings.models, pool, telemetry)
+        cluster = None
+        if settings.redis_url is not None:
+            cluster = await stack.enter_async_context(open_cluster(settings, guard, pool, budgets))
+            metrics.live.link = cluster.link
         listeners = Listeners(http_admission(settings))
         metrics.registry.register(ListenersCollector(listeners))
         sshd = None
@@ -136,6 +142,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
             metrics=metrics,
             listeners=listeners,
             sshd=sshd,
+            cluster=cluster,
         )
         guard.start()
         stack.push_async_callback(guard.close)  # the last ban list and report are kept
@@ -169,6 +176,8 @@ def _loops(edge: Edge, budgets: LocalBudgets) -> list[tuple[str, Loop]]:
         ("budgets-saver", budgets.run_saver),
         ("suppressed-reporter", edge.guard.anonymous.run_reporter),
     ]
+    if edge.cluster is not None:
+        loops += edge.cluster.loops()
     keys = edge.guard.keys
     if keys is not None:
         loops.append(("keys-watcher", partial(keys.watch, edge.settings.keys_reload_interval)))

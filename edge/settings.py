@@ -228,6 +228,21 @@ class EdgeSettings(BackhaulSettings):
     # Seconds a client is told to wait when the agent is away or the gate is full.
     retry_after: int = Field(5, ge=1)
 
+    # Several edges that agree (docs/scaling.md): a Redis URL (`redis://host:6379/0`, or
+    # `rediss://` for TLS) turns on shared rate limits, bans, keys and GPU-gate leases; unset,
+    # the edge keeps everything to itself. Its password in a file (never in the URL or the log).
+    redis_url: str | None = Field(None, pattern=r"^rediss?://")
+    redis_password_file: Path | None = None
+    # Seconds a request may wait on Redis (one script call); past it, the edge decides alone.
+    redis_timeout: float = Field(0.05, gt=0, le=5)
+    # The part of each rate limit one edge allows on its own while Redis is away; unset =
+    # 1 / the number of edges last seen (so together they stay near the limit).
+    redis_local_share: float | None = Field(None, gt=0, le=1)
+    # This edge's name among the edges; unset = its host name and HTTP port.
+    edge_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._:@-]{1,64}$")
+    # The shared keys this edge last saw, for a restart while Redis is away.
+    keys_shared_path: Path = _in_state_dir("keys.shared.json")
+
     # Embedded SSH server for the agent (DESIGN.md §2); 0 = off (system sshd mode).
     ssh_host: str = "127.0.0.1"
     ssh_port: int = Field(0, ge=0, le=65535)

@@ -19,7 +19,7 @@ def frozen_clock(e) -> Clock:
     """Stop time for the edge's limiters: tests move it instead of sleeping."""
     clock = Clock()
     guard = e.edge.guard
-    for buckets in (guard.key_rpm, guard.key_tpm, guard.callers):
+    for buckets in guard.local_limits.buckets.values():
         buckets.clock = clock
     return clock
 

@@ -28,13 +28,23 @@ def _is_path(annotation: Any) -> bool:
 EDGE_FILES = [
     name
     for name, field in EdgeSettings.model_fields.items()
-    # The model server's API key file is the operator's input, unset by default: not kept.
-    if _is_path(field.annotation) and name not in ("state_dir", "upstream_api_key_file")
+    # The model server's API key and Redis's password are the operator's input, unset by
+    # default: not kept.
+    if _is_path(field.annotation)
+    and name not in ("state_dir", "upstream_api_key_file", "redis_password_file")
 ]
 
 
 def test_every_file_the_edge_keeps_is_in_its_state_dir_unless_named(tmp_path: Path):
-    assert EDGE_FILES == ["telemetry_path", "keys_path", "bans_path", "ssh_host_key", "agent_keys"]
+    assert EDGE_FILES == [
+        "telemetry_path",
+        "keys_path",
+        "bans_path",
+        "budgets_path",
+        "keys_shared_path",
+        "ssh_host_key",
+        "agent_keys",
+    ]
     settings = EdgeSettings(state_dir=tmp_path)
     for name in EDGE_FILES:
         path = getattr(settings, name)

@@ -32,7 +32,7 @@ BIG = 10_000  # a tpm the test only reads the charge from
 
 def _charged(e: Edge, key: str, tpm: int) -> int:
     """Tokens taken from `key`'s bucket so far (the edge's clock is frozen)."""
-    return tpm - e.edge.guard.key_tpm.decision(key, tpm).remaining
+    return tpm - e.edge.guard.local_limits.buckets["tpm"].decision(key, tpm).remaining
 
 
 def _prompt_tokens() -> int:
@@ -45,7 +45,8 @@ def _prompt_tokens() -> int:
 def _frozen(e: Edge) -> None:
     clock = Clock()
     guard = e.edge.guard
-    guard.key_rpm.clock = guard.key_tpm.clock = clock
+    for buckets in guard.local_limits.buckets.values():
+        buckets.clock = clock
 
 
 def _client(e: Edge, secret: str) -> openai.AsyncOpenAI:

@@ -113,7 +113,7 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     if request.method == hdrs.METH_OPTIONS and preflight:
         return cors.preflight(request, path, feature)
     ex.route = BY_PATH.get(path)
-    guard.admit(request, ex, feature)
+    await guard.admit(request, ex, feature)
     match = request.match_info
     if match.http_exception is not None:
         if path in UNSERVED:
@@ -123,7 +123,7 @@ async def _dispatch(request: web.Request, handler: Handler, ex: Exchange) -> web
     try:
         return await handler(request)
     finally:
-        guard.settle(ex)
+        await guard.settle(ex)
 
 
 def _refuse_encoded_body(request: web.Request) -> None:

@@ -44,7 +44,14 @@ async def readyz(request: web.Request) -> web.Response:
     unready = pool.unready()
     if unready is not None:
         raise unready
-    return web.json_response({"status": "ready", "agents": agents})
+    body: dict[str, object] = {"status": "ready", "agents": agents}
+    cluster = edge.cluster
+    if cluster is not None:
+        # Serving on: limits fall back to this edge's share, bans and keys keep their last state.
+        body["redis"] = "up" if cluster.link.up else "down"
+        if not cluster.link.up:
+            body["status"] = "degraded"
+    return web.json_response(body)
 
 
 async def agents(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from edge.ops import shared_keys
 from edge.ops.timeparse import time_arg
 from edge.policy.budgets import Period, Spend, read_spend
 from edge.policy.keys import (
@@ -108,6 +109,11 @@ def _budget(text: str) -> Budget:
     return Budget(tokens=int(tokens), period="day" if match[3] == "day" else "month")
 
 
+def _settings(args: argparse.Namespace) -> EdgeSettings:
+    """The edge's settings (for `redis_url`: keys several edges share)."""
+    return EdgeSettings.load(args.config)
+
+
 def _keys_path(args: argparse.Namespace) -> Path:
     if args.keys_path is not None:
         return Path(args.keys_path)
@@ -163,6 +169,9 @@ def run_add(args: argparse.Namespace) -> int:
             print(f"backhaul-edge keys: a key named {key.name!r} exists", file=sys.stderr)
             return 1
         write_keys_file(path, KeysFile(keys=[*keys.keys, key]))
+    settings = _settings(args)
+    if settings.redis_url is not None:
+        shared_keys.share(settings, [key])
     print(secret)
     print(
         f"key {key.name!r} added to {path}; the secret above is shown only once: "
@@ -238,14 +247,20 @@ def _spent_text(spent: dict[str, Any] | None) -> str:
 @_guarded
 def run_revoke(args: argparse.Namespace) -> int:
     path = _keys_path(args)
+    settings = _settings(args)
+    elsewhere = shared_keys.shared(settings) if settings.redis_url is not None else []
     with _locked(path) as keys:
         names = [k.name for k in keys.keys]
-        if args.name not in names:
+        found = [k for k in [*keys.keys, *elsewhere] if k.name == args.name]
+        if not found:
             print(f"backhaul-edge keys: no key named {args.name!r} in {path}", file=sys.stderr)
             return 1
         updated = [
             k.model_copy(update={"enabled": False}) if k.name == args.name else k for k in keys.keys
         ]
-        write_keys_file(path, KeysFile(keys=updated))
+        if args.name in names:
+            write_keys_file(path, KeysFile(keys=updated))
+    if settings.redis_url is not None:
+        shared_keys.share(settings, [found[-1].model_copy(update={"enabled": False})])
     print(f"key {args.name!r} revoked; the edge refuses it within a second", file=sys.stderr)
     return 0

@@ -73,6 +73,9 @@ class BanList:
         self._dirty = asyncio.Event()
         self._writing: asyncio.Future[None] | None = None
         self.saves = 0
+        # Told of every ban made here (not of those applied with `quiet`): the edges that
+        # share their bans send it on (`edge.cluster.shared`).
+        self.on_ban: Callable[[str, float], None] | None = None
 
     def __len__(self) -> int:
         return len(self._bans)
@@ -121,13 +124,25 @@ class BanList:
         )
         return True
 
-    def ban(self, address: str, until: float) -> None:
+    def ban(self, address: str, until: float, *, quiet: bool = False) -> None:
+        """Ban `address` until `until` (epoch s); `quiet`: a ban another edge made, not told
+        on. A ban already there that ends later is kept."""
         address = address_group(address)
-        self._bans.pop(address, None)
+        current = self._bans.pop(address, None)
+        if current is not None and current >= until:
+            self._bans[address] = current
+            return
         while len(self._bans) >= self.max_entries:
             self._bans.popitem(last=False)  # the oldest ban: it ends first
         self._bans[address] = until
         self._dirty.set()
+        if not quiet and self.on_ban is not None:
+            self.on_ban(address, until)
+
+    def in_force(self) -> list[tuple[str, float]]:
+        """Every ban that has not ended: address and end (epoch s)."""
+        now = self.clock()
+        return [(address, end) for address, end in self._bans.items() if end > now]
 
     def load(self) -> None:
         """Read the bans saved by an earlier run; see the module doc for a broken file."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -44,7 +44,7 @@ from edge.policy.bans import BanList
 from edge.policy.budgets import BudgetStore, LocalBudgets, Period
 from edge.policy.clients import address_group
 from edge.policy.keys import ApiKey, KeyStore
-from edge.policy.limits import Buckets, Decision
+from edge.policy.limits import AloneLimits, Buckets, Check, Decision, Limits, LocalLimits
 from edge.routes import OPEN_PATHS
 from edge.settings import EdgeSettings
 
@@ -98,9 +98,10 @@ class Guard:
         self.bans = bans
         self.budgets = budgets if budgets is not None else LocalBudgets(None)
         self.anonymous_rpm = settings.anonymous_rpm
-        self.key_rpm = Buckets(settings.max_tracked_clients, clock)
-        self.key_tpm = Buckets(settings.max_tracked_clients, clock)
-        self.callers = Buckets(settings.max_tracked_clients, clock)  # per feature and caller
+        # This edge's own buckets (rpm, tpm, per feature caller); `limits` decides with them,
+        # or with the limits the edges share (`edge.cluster.limits`, which falls back to them).
+        self.local_limits = LocalLimits(settings.max_tracked_clients, clock)
+        self.limits: Limits = AloneLimits(self.local_limits)
         self.anonymous = AnonymousLines(settings.max_tracked_clients, clock)
         self._missing_logged = -math.inf
         self._unknown_logged = -math.inf
@@ -151,7 +152,7 @@ class Guard:
                 headers={"Retry-After": str(math.ceil(left))},
             )
 
-    def admit(self, request: web.Request, ex: Exchange, feature: Feature | None) -> None:
+    async def admit(self, request: web.Request, ex: Exchange, feature: Feature | None) -> None:
         """Authenticate and rate-limit one request; sets `ex.key` and the record's `key`.
 
         Error handling: raises `Unauthorized` (with `WWW-Authenticate`), `RateLimited` (with
@@ -165,7 +166,7 @@ class Guard:
             ex.key = key
             ex.record.key = key.name
         try:
-            self._limit(ex, key, feature)
+            await self._limit(ex, key, feature)
         except RateLimited:
             if key is None:  # an anonymous feature's caller: one line per burst, like a 401
                 self.anonymous.note(ex, RateLimited.type)
@@ -173,7 +174,7 @@ class Guard:
         if key is not None and feature is not None and not key.allows_model(feature.model):
             raise Forbidden(f"this key may not use feature '{feature.name}'")
 
-    def settle(self, ex: Exchange) -> None:
+    async def settle(self, ex: Exchange) -> None:
         """After the response: charge the tokens it used to the key's tokens-per-minute and
         to its budget's current period."""
         key = ex.key
@@ -181,7 +182,7 @@ class Guard:
             return
         used = (ex.record.prompt_tokens or 0) + (ex.record.tokens or 0)
         if key.tpm is not None:
-            self.key_tpm.charge(key.name, key.tpm, used)
+            await self.limits.charge(Check("tpm", key.name, key.tpm, used, f"key '{key.name}'"))
         if key.budget is not None and self.keys is not None:
             period = Period.current(key.budget.period, self.keys.clock())
             self.budgets.charge(key.name, period, used)
@@ -240,42 +241,39 @@ class Guard:
             "(or set BACKHAUL_EDGE_AUTH=none for an open demo edge)",
         )
 
-    def _limit(self, ex: Exchange, key: ApiKey | None, feature: Feature | None) -> None:
-        # Every check first, then the takes: a refused request takes nothing from any bucket.
-        checks: list[tuple[Buckets, Hashable, int, str]] = []
+    async def _limit(self, ex: Exchange, key: ApiKey | None, feature: Feature | None) -> None:
+        # Every check asked, then the takes: a refused request takes nothing from any limit.
+        checks: list[Check] = []
         if key is not None:
             self._check_budget(key)
-            if key.tpm is not None and not self.key_tpm.allows(key.name, key.tpm):
-                decision = self.key_tpm.decision(key.name, key.tpm)
-                raise _limited(f"key '{key.name}' used its {key.tpm} tokens per minute", decision)
+            who = f"key '{key.name}'"
+            if key.tpm is not None:  # charged after the answer: here only "not over"
+                checks.append(Check("tpm", key.name, key.tpm, 0, who))
             if key.rpm is not None:
-                checks.append((self.key_rpm, key.name, key.rpm, f"key '{key.name}'"))
+                checks.append(Check("rpm", key.name, key.rpm, 1, who))
         if feature is not None:
             limit = feature.rpm if feature.rpm is not None or key else self.anonymous_rpm
             if limit is not None:
                 client = ex.record.client
                 address = address_group(client) if client is not None else None
-                caller = ("key", key.name) if key else ("addr", address)
+                caller = f"key:{key.name}" if key else f"addr:{address}"
                 who = f"feature '{feature.name}' from this {'key' if key else 'address'}"
-                checks.append((self.callers, (feature.name, caller), limit, who))
+                checks.append(Check("caller", f"{feature.name}|{caller}", limit, 1, who))
         if not checks:
             return
-        if len(checks) == 1:  # the usual case: one bucket, so check and take are one step
-            buckets, name, limit, who = checks[0]
-            if not buckets.take(name, limit):
-                message = f"{who} is over its limit of {limit} requests per minute"
-                raise _limited(message, buckets.decision(name, limit))
-            ex.rate_headers = buckets.headers(name, limit)
-            return
-        for buckets, name, limit, who in checks:
-            if not buckets.allows(name, limit):
-                message = f"{who} is over its limit of {limit} requests per minute"
-                raise _limited(message, buckets.decision(name, limit))
-        for buckets, name, limit, _ in checks:
-            buckets.take(name, limit)
-        # The headers speak for the tightest limit.
-        buckets, name, limit, _ = min(checks, key=lambda c: c[0].decision(c[1], c[2]).remaining)
-        ex.rate_headers = buckets.headers(name, limit)
+        verdict = await self.limits.take(checks)
+        ex.record.limiter = verdict.limiter
+        if verdict.refused is not None:
+            check, decision = checks[verdict.refused], verdict.decisions[verdict.refused]
+            if check.kind == "tpm":
+                message = f"{check.who} used its {check.limit} tokens per minute"
+            else:
+                message = f"{check.who} is over its limit of {check.limit} requests per minute"
+            raise _limited(message, decision)
+        # The headers speak for the tightest limit on requests (tokens are not requests).
+        counted = [d for c, d in zip(checks, verdict.decisions, strict=True) if c.cost]
+        if counted:
+            ex.rate_headers = min(counted, key=lambda d: d.remaining).headers()
 
     def _check_budget(self, key: ApiKey) -> None:
         """Refuse a key whose budget is spent for the current period, until the period ends."""

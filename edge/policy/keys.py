@@ -237,6 +237,9 @@ class KeyStore:
         self.generation = 0  # bumped on every successful load
         self.present = False  # a keys file was loaded at least once
         self._by_hash: dict[str, ApiKey] = {}
+        self._from_file: list[ApiKey] = []
+        # Keys several edges share (`edge.cluster.keys`), by name: over the file's of that name.
+        self._shared: dict[str, ApiKey] = {}
         self._seen: tuple[int, ...] | None = None
         self._wake = asyncio.Event()
         self._loaded = asyncio.Condition()
@@ -288,10 +291,27 @@ class KeyStore:
         return True
 
     def _install(self, parsed: KeysFile) -> None:
-        self._by_hash = {key.hash: key for key in parsed.keys}
+        self._from_file = list(parsed.keys)
         self.present = True
-        self.generation += 1
+        self._combine()
         log.info("keys.loaded", path=str(self.path), keys=len(parsed.keys))
+
+    def share(self, keys: list[ApiKey]) -> None:
+        """The keys the edges share now (all of them: a revoked one is there, disabled); a
+        shared key replaces the file's key of the same name."""
+        self._shared = {key.name: key for key in keys}
+        self._combine()
+
+    @property
+    def shared(self) -> list[ApiKey]:
+        return list(self._shared.values())
+
+    def _combine(self) -> None:
+        mine = {key.name: key for key in self._from_file}
+        mine.update(self._shared)
+        self._by_hash = {key.hash: key for key in mine.values()}
+        self.present = self.present or bool(self._shared)
+        self.generation += 1
 
     def request_reload(self) -> None:
         """Look at the file now rather than at the next poll (SIGHUP)."""

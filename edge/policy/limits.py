@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Protocol
 
 # How many of the oldest entries one insertion inspects for a full bucket before it evicts the
 # oldest whatever its state: keeps insertion O(1) under a spray.
@@ -146,3 +147,78 @@ class Buckets:
             if scanned + 1 >= _EVICTION_SCAN:
                 break
         self._buckets.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit a request is held to: `limit` a minute of `kind` for `name`, of which the
+    request takes `cost` now (1 for a request; 0 for tokens, which are charged after the answer:
+    then the check only asks that the subject is not over)."""
+
+    kind: str  # "rpm", "tpm" or "caller" (a feature's per-caller requests per minute)
+    name: str
+    limit: int
+    cost: int
+    who: str  # for the message: "key 'ci'", "feature 'summary' from this address"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the limits said of a request's checks: each one's figures, and which refused it."""
+
+    decisions: list[Decision]
+    refused: int | None  # the index of the first check that refused, else None
+    limiter: str  # "local" or "redis": who decided (the telemetry's `limiter`)
+
+
+class LocalLimits:
+    """The checks against this edge's own buckets, all or nothing: a refused request takes
+    nothing. With a `share` below 1, each limit is that share of itself (a fallback while the
+    edges' shared state is away: `edge.cluster.limits`)."""
+
+    def __init__(self, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.buckets = {kind: Buckets(max_entries, clock) for kind in ("rpm", "tpm", "caller")}
+
+    def take(self, checks: list[Check], share: float = 1.0, limiter: str = "local") -> Verdict:
+        limits = [_share(check.limit, share) for check in checks]
+        for i, (check, limit) in enumerate(zip(checks, limits, strict=True)):
+            if not self.buckets[check.kind].allows(check.name, limit):
+                return Verdict(self._decisions(checks, limits), i, limiter)
+        for check, limit in zip(checks, limits, strict=True):
+            if check.cost:
+                self.buckets[check.kind].charge(check.name, limit, check.cost)
+        return Verdict(self._decisions(checks, limits), None, limiter)
+
+    def charge(self, check: Check, share: float = 1.0) -> None:
+        self.buckets[check.kind].charge(check.name, _share(check.limit, share), check.cost)
+
+    def _decisions(self, checks: list[Check], limits: list[int]) -> list[Decision]:
+        return [
+            self.buckets[check.kind].decision(check.name, limit)
+            for check, limit in zip(checks, limits, strict=True)
+        ]
+
+
+class Limits(Protocol):
+    """Who decides a request's limits: this edge alone, or the edges together."""
+
+    async def take(self, checks: list[Check]) -> Verdict: ...
+
+    async def charge(self, check: Check) -> None: ...
+
+
+class AloneLimits:
+    """One edge's limits: its own buckets, nothing to wait on."""
+
+    def __init__(self, local: LocalLimits) -> None:
+        self._local = local
+
+    async def take(self, checks: list[Check]) -> Verdict:
+        return self._local.take(checks)
+
+    async def charge(self, check: Check) -> None:
+        self._local.charge(check)
+
+
+def _share(limit: int, share: float) -> int:
+    return limit if share >= 1.0 else max(1, math.floor(limit * share))

@@ -145,8 +145,13 @@ async def forward(
                     agent = slot.seat
                     queued = (ex.record.queue_ms or 0.0) + slot.queue_ms
                     ex.record.queue_ms = round(queued, 3)
-                    release = slot.release
-                    response = await _forward(request, edge, ex, route, payload, agent, release)
+                    release = await _leased(edge, agent, slot.release)
+                    if release is None:  # other edges hold its other slots: wait for one here
+                        continue
+                    try:
+                        response = await _forward(request, edge, ex, route, payload, agent, release)
+                    finally:
+                        release()
             else:
                 agent = candidates[0]
                 response = await _forward(request, edge, ex, route, payload, agent, _no_slot)
@@ -169,6 +174,30 @@ async def forward(
         else:
             pool.served(agent, ex.conversation, ex.record)
         return response
+
+
+async def _leased(
+    edge: Edge, agent: Agent, release: Callable[[], None]
+) -> Callable[[], None] | None:
+    """With edges that share their gate (`edge.cluster.leases`): `release` that also gives
+    the agent's lease back, or None when the other edges hold all of its slots. Alone:
+    `release`."""
+    if edge.cluster is None:
+        return release
+    leases = edge.cluster.leases
+    lease = await leases.take(agent)
+    if lease is None:
+        return None
+    given = False
+
+    def release_both() -> None:
+        nonlocal given
+        release()
+        if not given:
+            given = True
+            leases.give_back(agent, lease)
+
+    return release_both
 
 
 def _others(pool: Pool, model: str | None, tried: list[Agent]) -> bool:

@@ -39,17 +39,19 @@ from edge.errors import Overloaded
 
 
 class Seat:
-    """One upstream's slots: `capacity` requests at once (its `max_inflight`)."""
+    """One upstream's slots: `capacity` requests at once (its `max_inflight`), of which other
+    edges hold `elsewhere` (edges that share their gate: `edge.cluster.leases`)."""
 
-    __slots__ = ("capacity", "inflight")
+    __slots__ = ("capacity", "elsewhere", "inflight")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.inflight = 0
+        self.elsewhere = 0
 
     @property
     def free(self) -> bool:
-        return self.inflight < self.capacity
+        return self.inflight + self.elsewhere < self.capacity
 
 
 # Chooses a seat with a free slot for one caller, or None when none of its seats has one.

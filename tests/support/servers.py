@@ -100,6 +100,7 @@ async def edge(upstream: str, tmp_path: Path, **settings: Any) -> AsyncIterator[
     settings.setdefault("auth", "none")
     settings.setdefault("keys_path", tmp_path / "keys.json")
     settings.setdefault("bans_path", tmp_path / "bans.json")
+    settings.setdefault("budgets_path", tmp_path / "budgets.json")
     config = EdgeSettings(upstream=upstream, telemetry_path=path, **settings)
     async with services.open_edge(config) as built, _serving_edge(built, path) as running:
         yield running

@@ -1,0 +1,148 @@
+"""The GPU gate across edges: each agent's slots as leases in Redis that expire.
+
+Two edges in front of one GPU each have a gate of `max_inflight`; without this, together they
+would admit twice that. So a request that has a slot in its own edge's gate (`edge.upstreams.
+gate`) also takes one of the agent's leases: a member of the sorted set `bh:lease:<agent>`,
+scored by its expiry on Redis's clock, taken by a script only while fewer than the agent's
+capacity are live. The edge renews its leases every `RENEW_S` while they are held and removes
+each when its request's upstream ends; a crashed edge's leases simply expire (`TTL_S`), so the
+slots it held come back within that bound.
+
+Each edge also keeps, per agent, how many leases the other edges hold (`Agent.elsewhere`, read
+by every renewal and lowered by the `released` events): its own gate counts them as taken, so a
+request waits in this edge's fair queue rather than asking Redis in a loop.
+
+Redis away: the leases already held are kept (the renewal waits for Redis), new requests go by
+the last count of the others' leases (the gate keeps its last state) and are not leased.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import Any
+
+import structlog
+
+from edge.cluster.link import RedisDown, RedisLink
+from edge.upstreams.agent import Agent
+from edge.upstreams.pool import Pool
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "bh:lease"
+TTL_S = 10.0
+RENEW_S = 2.0
+
+# KEYS[1]: the agent's lease set. ARGV: the lease id, the capacity, the TTL in ms.
+# Returns 1 when the lease was taken.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+return 1
+"""
+# KEYS: lease sets. ARGV: the TTL in ms, then per key the number of its members that follow,
+# then the members (this edge's leases). Renews them; returns per key the live members.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local at = 2
+local out = {}
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  local n = tonumber(ARGV[at])
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[at + j])
+  end
+  at = at + n + 1
+  redis.call('PEXPIRE', KEYS[i], ttl * 2)
+  out[i] = redis.call('ZCARD', KEYS[i])
+end
+return out
+"""
+
+
+class SharedLeases:
+    """This edge's leases on every agent's slots."""
+
+    def __init__(self, link: RedisLink, pool: Pool) -> None:
+        self._link = link
+        self._pool = pool
+        self._acquire = link.client.register_script(_ACQUIRE)
+        self._renew = link.client.register_script(_RENEW)
+        self._held: dict[str, set[str]] = {}  # agent -> this edge's lease ids
+        self._ids = itertools.count()
+        self._releasing: set[asyncio.Task[None]] = set()
+        link.on("released", self._released_elsewhere)
+
+    async def take(self, agent: Agent) -> str | None:
+        """A lease on one of `agent`'s slots: its id, `""` when Redis is away (the request goes
+        by the last count), None when the other edges hold the rest of its slots."""
+        lease = f"{self._link.edge_id}:{next(self._ids)}"
+        key = f"{PREFIX}:{agent.name}"
+        args: list[str | int] = [lease, agent.capacity, int(TTL_S * 1000)]
+        try:
+            taken = await self._link.call(lambda: self._acquire(keys=[key], args=args))
+        except RedisDown:
+            return ""
+        if not taken:
+            agent.elsewhere = max(agent.elsewhere, agent.capacity - agent.inflight + 1)
+            return None
+        self._held.setdefault(agent.name, set()).add(lease)
+        return lease
+
+    def give_back(self, agent: Agent, lease: str) -> None:
+        """The request's upstream ended: its lease goes back (soon, off the request's path)."""
+        if not lease:
+            return
+        self._held.get(agent.name, set()).discard(lease)
+        task = asyncio.ensure_future(self._remove(agent, lease))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _remove(self, agent: Agent, lease: str) -> None:
+        client = self._link.client
+        try:
+            await self._link.call(lambda: client.zrem(f"{PREFIX}:{agent.name}", lease))
+        except RedisDown:
+            return  # it expires
+        await self._link.publish("released", agent=agent.name)
+
+    def _released_elsewhere(self, event: dict[str, Any]) -> None:
+        agent = self._pool.agents.get(str(event.get("agent")))
+        if agent is not None and agent.elsewhere > 0:
+            agent.elsewhere -= 1
+            self._pool.changed()
+
+    async def run(self) -> None:
+        """Renew this edge's leases and count the others', every `RENEW_S`, forever."""
+        while True:
+            with contextlib.suppress(RedisDown):
+                await self.renew()
+            await asyncio.sleep(RENEW_S)
+
+    async def renew(self) -> None:
+        agents = list(self._pool.agents.values())
+        if not agents:
+            return
+        keys = [f"{PREFIX}:{agent.name}" for agent in agents]
+        args: list[str | int] = [int(TTL_S * 1000)]
+        mine = []
+        for agent in agents:
+            held = list(self._held.get(agent.name, ()))
+            mine.append(len(held))
+            args += [len(held), *held]
+        live = await self._link.call(lambda: self._renew(keys=keys, args=args))
+        changed = False
+        for agent, count, own in zip(agents, live, mine, strict=True):
+            elsewhere = max(0, int(count) - own)
+            if elsewhere != agent.elsewhere:
+                agent.elsewhere, changed = elsewhere, True
+        if changed:
+            self._pool.changed()

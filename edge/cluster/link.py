@@ -1,0 +1,243 @@
+"""`RedisLink`: the edge's connection to the Redis that several edges share (DESIGN.md §7.3).
+
+One edge needs no Redis; with `redis_url` set, the policy stores (`edge.cluster.limits`, `bans`,
+`keys`, `leases`) share their state through this link. What it owns:
+
+- **The client** (`redis.asyncio` with hiredis's parser) and the one rule every caller keeps: no
+  request waits on Redis longer than `redis_timeout` (50 ms by default: a same-region round trip
+  is a tenth of a millisecond; Envoy allows 20 ms, LiteLLM 100 ms). `call()` bounds each use.
+- **A breaker.** `_BREAK_AFTER` failures in a row open it: callers are told at once that Redis is
+  away (`RedisDown`) and fall back to their local state, instead of each paying the timeout; the
+  link's loop pings every `_PROBE_S` and closes it on the first answer. The research's numbers
+  (LiteLLM: 5 failures, 60 s) are for a cloud; a loopback or same-region Redis that answers again
+  should be used again within seconds.
+- **The edges' heartbeat**: each edge is a member of `bh:edges` scored by Redis's own clock,
+  renewed every `_HEARTBEAT_S`; `edges` is how many answered within `_EDGE_TTL_S`. A limit falls
+  back to `limit / edges` on each edge while Redis is away (`edge.cluster.limits`).
+- **Events** on the `bh:events` channel: a ban or a key change made on one edge reaches the others
+  in well under a second (pub/sub), and after a reconnect each store reloads everything it
+  shares (`resync`), since events sent meanwhile are lost.
+
+Resource handling: `open_link()` connects and `run()` (in the edge's task group) keeps the
+heartbeat, the breaker's probe and the event subscription; the exit closes the connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from shared.secrets import read_key_file
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+CHANNEL = "bh:events"
+EDGES = "bh:edges"
+_BREAK_AFTER = 3
+_PROBE_S = 1.0
+_HEARTBEAT_S = 2.0
+_EDGE_TTL_S = 10.0
+_RESUBSCRIBE_S = 1.0
+
+# Renew this edge's membership and count the live edges, on Redis's clock (no skew between VPSes).
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class RedisDown(Exception):
+    """Redis did not answer in time, failed, or the breaker is open: use the local state."""
+
+
+Handler = Callable[[dict[str, Any]], None]
+Resync = Callable[[], Awaitable[None]]
+
+
+class RedisLink:
+    """The shared Redis: bounded calls, the breaker, the heartbeat, the event channel."""
+
+    def __init__(self, client: aioredis.Redis, timeout: float, edge_id: str) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.edge_id = edge_id
+        self.edges = 1  # live edges, as the last heartbeat counted them
+        self.failures = 0
+        self.errors = 0  # every failed call, for the metrics
+        self._open = False  # the breaker
+        self._handlers: dict[str, Handler] = {}
+        self._resyncs: list[Resync] = []
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._changed = asyncio.Event()
+
+    @property
+    def up(self) -> bool:
+        """The breaker is closed: calls go to Redis."""
+        return not self._open
+
+    def on(self, kind: str, handler: Handler) -> None:
+        """Call `handler(event)` for every event of `kind` another edge publishes."""
+        self._handlers[kind] = handler
+
+    def on_resync(self, resync: Resync) -> None:
+        """Await `resync()` whenever the link (re)connects: reload what is shared."""
+        self._resyncs.append(resync)
+
+    async def call(self, use: Callable[[], Awaitable[T]]) -> T:
+        """`await use()` within the timeout; `RedisDown` when the breaker is open or it fails."""
+        if self._open:
+            raise RedisDown("the breaker is open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await use()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            raise RedisDown(str(exc) or type(exc).__name__) from exc
+        self.failures = 0
+        return result
+
+    async def publish(self, kind: str, **fields: Any) -> None:
+        """Tell the other edges (best effort: a lost event is made up by their next resync)."""
+        event = orjson.dumps({"kind": kind, "from": self.edge_id, **fields})
+        with contextlib.suppress(RedisDown):
+            await self.call(lambda: self.client.publish(CHANNEL, event))
+
+    async def wait_changed(self) -> None:
+        """Return at the next change of `up` (for tests; bound it with a timeout)."""
+        await self._changed.wait()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.failures += 1
+        if self.failures >= _BREAK_AFTER and not self._open:
+            self._set_open(True, repr(exc))
+
+    def _set_open(self, opened: bool, reason: str = "") -> None:
+        self._open = opened
+        if opened:
+            log.warning("redis.down", reason=reason, edges=self.edges)
+        else:
+            log.info("redis.up", edges=self.edges)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def run(self) -> None:
+        """The heartbeat and the breaker's probe, beside the event subscription, forever."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._subscribe(), name="redis-events")
+            while True:
+                await self._beat()
+                await asyncio.sleep(_PROBE_S if self._open else _HEARTBEAT_S)
+
+    async def _beat(self) -> None:
+        ttl_ms = str(int(_EDGE_TTL_S * 1000))
+        try:
+            async with asyncio.timeout(max(self.timeout, 0.5)):
+                count = await self._heartbeat(keys=[EDGES], args=[self.edge_id, ttl_ms])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            return
+        self.failures = 0
+        self.edges = max(1, int(count))
+        if self._open:
+            # Connections made before it went away are dead: drop them, not a request each.
+            await self.client.connection_pool.disconnect()
+            self._set_open(False)
+            await self._resync()
+
+    async def _resync(self) -> None:
+        for resync in self._resyncs:
+            try:
+                await resync()
+            except RedisDown:
+                return
+
+    async def _subscribe(self) -> None:
+        """Apply every event on the channel; resubscribe (and resync) after a failure."""
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                await self._resync()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._dispatch(message.get("data"))
+            except (RedisError, OSError) as exc:
+                log.info("redis.events_lost", error=repr(exc))
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            await asyncio.sleep(_RESUBSCRIBE_S)
+
+    def _dispatch(self, data: Any) -> None:
+        try:
+            event = orjson.loads(data)
+        except (orjson.JSONDecodeError, TypeError):
+            return
+        if not isinstance(event, dict) or event.get("from") == self.edge_id:
+            return
+        handler = self._handlers.get(str(event.get("kind")))
+        if handler is not None:
+            handler(event)
+
+
+def default_edge_id(port: int) -> str:
+    """This edge's name among the edges: its host name and HTTP port."""
+    return f"{socket.gethostname()}:{port}"
+
+
+@asynccontextmanager
+async def open_link(
+    url: str, password_file: Path | None, wait_s: float, edge_id: str
+) -> AsyncIterator[RedisLink]:
+    """A `RedisLink` to `url` (`redis://` or `rediss://` for TLS), the password read from
+    `password_file` (never logged); closed on exit. Redis may be away at start: the edge
+    serves on local state until it answers."""
+    password = read_key_file(password_file, "BACKHAUL_EDGE_REDIS_PASSWORD_FILE")
+    client = aioredis.Redis.from_url(
+        url,
+        password=password.get_secret_value() if password is not None else None,
+        socket_timeout=max(wait_s, 0.5),
+        socket_connect_timeout=max(wait_s, 0.5),
+        health_check_interval=0,
+        retry=None,
+    )
+    link = RedisLink(client, wait_s, edge_id)
+    started = time.monotonic()
+    await link._beat()
+    log.info(
+        "redis.link",
+        url=_redacted(url),
+        up=link.failures == 0,
+        edges=link.edges,
+        edge=edge_id,
+        ms=round((time.monotonic() - started) * 1000, 1),
+    )
+    try:
+        yield link
+    finally:
+        await client.aclose()
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password in it (`redis://:secret@host` is allowed by the scheme)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
