@@ -279,3 +279,28 @@ async def _hold(http: aiohttp.ClientSession, url: str, rid: str) -> None:
                     return
             except aiohttp.ClientConnectorError:  # not listening yet
                 await asyncio.sleep(0.05)
+
+
+async def test_tokens_per_minute_are_counted_over_every_edge(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    secrets = write_keys(tmp_path / "keys.json", ci={"tpm": 100})
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        simulator(reply_tokens=10) as sim,
+        edges(3, tmp_path, sim.url, redis, **keyed(tmp_path)) as fleet,
+    ):
+        used = 0
+        for i in range(40):
+            status = await generate(http, fleet[i % 3], f"t{i}", **bearer(secrets["ci"]))
+            if status == 429:
+                break
+            record = await fleet[i % 3].record(f"t{i}")
+            used += record["tokens"] + record["prompt_tokens"]
+        # Served while under 100 a minute in all, the last answer's tokens past it at most; one
+        # edge alone would have let the key use 100 there and 100 on each of the others.
+        assert status == 429, used
+        per_answer = record["tokens"] + record["prompt_tokens"]
+        assert 100 <= used < 100 + per_answer + per_answer, used
+        refused = await fleet[i % 3].record(f"t{i}")
+        assert refused["type"] == "rate_limited" and refused["limiter"] == "redis"
