@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from edge.__main__ import main
@@ -33,6 +34,13 @@ def line(i: int = 0, **fields) -> bytes:
     fields.setdefault("ts", ts(i))
     fields.setdefault("route", "/api/chat")
     return RequestRecord(id=f"req-{i}", method="POST", **fields).to_json_line()
+
+
+def costed(i: int, served_by: str | None, cost_usd: float | None, **fields) -> bytes:
+    """A line with the money fields, set on the JSON so the line is as the edge writes it."""
+    record = orjson.loads(line(i, **fields))
+    record.update(served_by=served_by, cost_usd=cost_usd)
+    return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def write(path: Path, *lines: bytes) -> Path:
@@ -257,6 +265,8 @@ def test_bad_since_is_a_usage_error(tmp_path, capsys):
         ("feature", {None: 4, "summarise": 2}),
         ("route", {"/api/chat": 3, "/api/generate": 2, "/v1/chat/completions": 1}),
         ("status", {200: 4, 503: 1, 429: 1}),
+        ("agent", {None: 6}),
+        ("served_by", {None: 6}),
     ],
 )
 def test_group_by_each_field(tmp_path, capsys, by, expected):
@@ -346,3 +356,82 @@ def test_installed_script(tmp_path):
     report = json.loads(done.stdout)
     assert (report["records"], report["corrupt"]) == (2, 1)
     assert only_group(report)["elapsed_ms"]["p50"] == 3.0
+
+
+def cost_log(tmp_path: Path) -> Path:
+    return write(
+        tmp_path / "t.jsonl",
+        costed(1, "cloud:openai", 0.25, key="alice"),
+        costed(2, "cloud:openai", 1.5, key="alice"),
+        costed(3, "cloud:groq", 0.125, key="bob"),
+        costed(4, "tower", 0.5, key="alice"),
+        costed(5, "tower", 2.0, key="bob"),
+        costed(6, "laptop", 0.0625, key="bob"),
+        costed(7, None, None, key="alice", status=429, type="rate_limited"),  # refused: no cost
+        costed(8, "tower", None, key="bob"),  # no reference price configured
+        line(9, key="carol"),  # a line from before the money fields
+    )
+
+
+def test_cost_split_into_cloud_spend_and_local_savings(tmp_path, capsys):
+    log = cost_log(tmp_path)
+    report = stats_json(capsys, str(log))
+    assert report["cost_usd"] == {"n": 6, "cloud_usd": 1.875, "saved_usd": 2.5625}
+    assert only_group(report)["cost_usd"] == report["cost_usd"]
+
+    assert main(["stats", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "cost usd      cloud $1.8750   saved $2.5625   (n 6)" in out
+    assert out.endswith("\ncloud spend $1.88; local answers saved $2.56\n")
+
+
+def test_spend_by_served_by_and_by_key(tmp_path, capsys):
+    log = cost_log(tmp_path)
+    report = stats_json(capsys, str(log), "--by", "served_by")
+    by_server = {g["value"]: (g["requests"], g["cost_usd"]) for g in report["groups"]}
+    assert by_server == {
+        "cloud:openai": (2, {"n": 2, "cloud_usd": 1.75, "saved_usd": 0.0}),
+        "cloud:groq": (1, {"n": 1, "cloud_usd": 0.125, "saved_usd": 0.0}),
+        "tower": (3, {"n": 2, "cloud_usd": 0.0, "saved_usd": 2.5}),
+        "laptop": (1, {"n": 1, "cloud_usd": 0.0, "saved_usd": 0.0625}),
+        None: (2, {"n": 0, "cloud_usd": 0.0, "saved_usd": 0.0}),
+    }
+    assert report["cost_usd"] == {"n": 6, "cloud_usd": 1.875, "saved_usd": 2.5625}
+
+    report = stats_json(capsys, str(log), "--by", "key")
+    by_key = {g["value"]: g["cost_usd"] for g in report["groups"]}
+    assert by_key == {
+        "alice": {"n": 3, "cloud_usd": 1.75, "saved_usd": 0.5},
+        "bob": {"n": 3, "cloud_usd": 0.125, "saved_usd": 2.0625},
+        "carol": {"n": 0, "cloud_usd": 0.0, "saved_usd": 0.0},
+    }
+
+    assert main(["stats", str(log), "--by", "key"]) == 0
+    out = capsys.readouterr().out
+    alice = out[out.index("key alice") : out.index("key bob")]
+    assert "cost usd      cloud $1.7500   saved $0.5000   (n 3)" in alice
+    bob = out[out.index("key bob") : out.index("key carol")]
+    assert "cost usd      cloud $0.1250   saved $2.0625   (n 3)" in bob
+    assert "cloud spend $1.88; local answers saved $2.56" in out
+
+
+def test_no_cost_no_money_lines(tmp_path, capsys):
+    log = write(tmp_path / "t.jsonl", line(1), costed(2, "tower", None), costed(3, "cloud:x", None))
+    assert main(["stats", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "cost usd" not in out and "cloud spend" not in out
+    assert stats_json(capsys, str(log))["cost_usd"] == {"n": 0, "cloud_usd": 0.0, "saved_usd": 0.0}
+
+
+def test_bad_money_fields_make_the_record_corrupt(tmp_path, capsys):
+    log = write(
+        tmp_path / "t.jsonl",
+        costed(1, "cloud:openai", 1.0, elapsed_ms=1.0),
+        costed(2, "cloud:openai", "1.0", elapsed_ms=2.0),  # type: ignore[arg-type]
+        costed(3, "cloud:openai", True, elapsed_ms=3.0),
+        costed(4, ["cloud:openai"], 1.0, elapsed_ms=4.0),  # type: ignore[arg-type]
+    )
+    report = stats_json(capsys, str(log))
+    assert (report["records"], report["corrupt"]) == (1, 3)
+    assert report["cost_usd"] == {"n": 1, "cloud_usd": 1.0, "saved_usd": 0.0}
+    assert only_group(report)["elapsed_ms"]["n"] == 1

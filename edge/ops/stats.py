@@ -23,13 +23,14 @@ from shared.cli import Subparsers, add_command
 
 DESCRIPTION = """\
 Summarise the edge's JSONL telemetry log: requests, errors by type, elapsed and TTFB p50/p95/p99,
-tok/s p50/p10, tokens in and out, queue time p50/p99, clients gone; one table per group with --by.
+tok/s p50/p10, tokens in and out, queue time p50/p99, clients gone, and where answers carry a
+cost_usd, cloud spend and what local answers saved; one table per group with --by.
 
 Each FILE is read with its rotated siblings FILE.N and FILE.N.gz (oldest first); gzip'd files are
 recognised by content. Corrupt or truncated lines are counted and skipped. Percentiles are exact
 up to 8,192 values per figure and within 1 % beyond (marked ~)."""
 
-GROUP_FIELDS = ("model", "key", "feature", "route", "status", "agent")
+GROUP_FIELDS = ("model", "key", "feature", "route", "status", "agent", "served_by")
 
 
 def register(subparsers: Subparsers) -> None:
@@ -82,6 +83,7 @@ def render_text(summary: Summary) -> str:
     out.append(read)
     if not summary.groups:
         out.append("no records")
+    costs = summary.costs()
     for value, group in summary.ordered_groups():
         d = group.to_dict()
         label = "all records" if summary.by is None else f"{summary.by} {_label(value)}"
@@ -99,6 +101,8 @@ def render_text(summary: Summary) -> str:
             f"  {'tokens':<14}in {group.prompt_tokens:,}  out {group.tokens:,}",
             f"  {'queue ms':<14}{_figures(d['queue_ms'])}",
         ]
+        if costs["n"]:
+            out.append(f"  {'cost usd':<14}{_money(d['cost_usd'])}")
     approximate = any(
         not s.exact
         for g in summary.groups.values()
@@ -106,11 +110,19 @@ def render_text(summary: Summary) -> str:
     )
     if approximate:
         out += ["", f"(~: beyond {EXACT_LIMIT:,} values, within {RELATIVE_ERROR:.0%})"]
+    if costs["n"]:
+        cloud, saved = costs["cloud_usd"], costs["saved_usd"]
+        out += ["", f"cloud spend ${cloud:,.2f}; local answers saved ${saved:,.2f}"]
     return "\n".join(out) + "\n"
 
 
 def _label(value: Any) -> str:
     return "(none)" if value is None else str(value)
+
+
+def _money(c: dict[str, Any]) -> str:
+    # Four decimals: one group's figures may be a few cents; the closing total rounds to cents.
+    return f"cloud ${c['cloud_usd']:,.4f}   saved ${c['saved_usd']:,.4f}   (n {c['n']:,})"
 
 
 def _figures(p: dict[str, Any]) -> str:

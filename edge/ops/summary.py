@@ -3,7 +3,10 @@
 `summarise` reads each file a line at a time (plain or gzip'd, `edge.ops.logfiles.open_log`), parses
 it with orjson (`edge.record.parse_line`) and adds it to its group's `GroupStats`: counters,
 sums, and four `QuantileSketch`es (exact up to 8,192 values, then a log-bucketed histogram within
-1 %), so memory depends on the number of groups, never on the size of the log. A line that is not
+1 %), so memory depends on the number of groups, never on the size of the log. Money is two sums
+per group: `cost_usd` of the answers a cloud served (`served_by` `cloud:<name>`), what was spent,
+and of the others, what the same tokens would have cost on the reference model, so what local
+answers saved. A line that is not
 a record (corrupt, cut short by a crash, a figure that is not a number) is counted and left out
 whole; a null field is left out of its own figure only. `--since` compares `ts` as text: the
 writer emits one ISO 8601 UTC format, whose text order is time order.
@@ -26,6 +29,8 @@ from edge.record import parse_line
 # What a figure or the error type may be; bool is not a number here (it is a corrupt record).
 _NUMBER_TYPES = frozenset({int, float, type(None)})
 _TEXT_TYPES = frozenset({str, type(None)})
+# How `served_by` names an answer a cloud served (`cloud:<upstream name>`); any other is local.
+CLOUD_PREFIX = "cloud:"
 
 
 class GroupStats:
@@ -33,11 +38,14 @@ class GroupStats:
 
     __slots__ = (
         "client_gone",
+        "cloud_usd",
+        "costed",
         "elapsed",
         "errors",
         "prompt_tokens",
         "queue",
         "requests",
+        "saved_usd",
         "tok_per_s",
         "tokens",
         "ttfb",
@@ -53,6 +61,9 @@ class GroupStats:
         self.ttfb = QuantileSketch()
         self.tok_per_s = QuantileSketch()
         self.queue = QuantileSketch()
+        self.costed = 0  # records with a cost_usd
+        self.cloud_usd = 0.0
+        self.saved_usd = 0.0
 
     def add(self, rec: dict[str, Any]) -> None:
         """Count one record; raises `TypeError`, changing nothing, on a field of a bad type."""
@@ -60,12 +71,15 @@ class GroupStats:
         error, outcome = get("type"), get("outcome")
         elapsed, ttfb, tps = get("elapsed_ms"), get("ttfb_ms"), get("tok_per_s")
         queue, prompt_tokens, tokens = get("queue_ms"), get("prompt_tokens"), get("tokens")
+        cost, served_by = get("cost_usd"), get("served_by")
         # Check every field before counting any, so that a bad record is left out whole. One set
-        # comparison costs less than six isinstance() calls in the 1M-line loop.
+        # comparison costs less than eight isinstance() calls in the 1M-line loop.
         types = {type(elapsed), type(ttfb), type(tps), type(queue), type(prompt_tokens)}
         types.add(type(tokens))
-        if not (types <= _NUMBER_TYPES and type(error) in _TEXT_TYPES):
-            raise TypeError("a figure is not a number, or type is not a string")
+        types.add(type(cost))
+        texts = {type(error), type(served_by)}
+        if not (types <= _NUMBER_TYPES and texts <= _TEXT_TYPES):
+            raise TypeError("a figure is not a number, or type or served_by is not a string")
         self.requests += 1
         if error is not None:
             self.errors[error] += 1
@@ -83,6 +97,12 @@ class GroupStats:
             self.prompt_tokens += prompt_tokens
         if tokens is not None:
             self.tokens += tokens
+        if cost is not None:
+            self.costed += 1
+            if served_by is not None and served_by.startswith(CLOUD_PREFIX):
+                self.cloud_usd += cost
+            else:
+                self.saved_usd += cost
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,7 +118,12 @@ class GroupStats:
             "prompt_tokens": self.prompt_tokens,
             "tokens": self.tokens,
             "queue_ms": _percentiles(self.queue, p50=0.5, p99=0.99),
+            "cost_usd": _costs(self.costed, self.cloud_usd, self.saved_usd),
         }
+
+
+def _costs(n: int, cloud_usd: float, saved_usd: float) -> dict[str, Any]:
+    return {"n": n, "cloud_usd": cloud_usd, "saved_usd": saved_usd}
 
 
 def _percentiles(sketch: QuantileSketch, **qs: float) -> dict[str, Any]:
@@ -124,6 +149,15 @@ class Summary:
         """Busiest group first; ties by value, so the output is stable."""
         return sorted(self.groups.items(), key=lambda item: (-item[1].requests, str(item[0])))
 
+    def costs(self) -> dict[str, Any]:
+        """Money over every group: records with a `cost_usd`, cloud spend, local savings."""
+        groups = self.groups.values()
+        return _costs(
+            sum(g.costed for g in groups),
+            sum(g.cloud_usd for g in groups),
+            sum(g.saved_usd for g in groups),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": [str(p) for p in self.files_read],
@@ -135,6 +169,7 @@ class Summary:
             "corrupt": self.corrupt,
             "before_since": self.before_since,
             "records": sum(g.requests for g in self.groups.values()),
+            "cost_usd": self.costs(),
             "percentiles": {
                 "method": "nearest-rank",
                 "exact_up_to": EXACT_LIMIT,
