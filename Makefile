@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.stats_bench
 	$(BIN)/python -m bench.flood_bench
 	$(BIN)/python -m bench.pool_bench
+	$(BIN)/python -m bench.redis_bench
 
 # llama.cpp's llama-server and SmolLM2-135M for the real-model tier (tests/test_llama.py), built
 # once into ~/.cache/backhaul (about 8 minutes on two cores; seconds when cached).
