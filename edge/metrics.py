@@ -206,6 +206,13 @@ class EdgeMetrics:
             ["limiter"],
             registry=r,
         )
+        self.cost = Counter(
+            "backhaul_cost_usd",
+            "US dollars: what cloud fallbacks charged (where=cloud), and what the answers made "
+            "locally would have cost on the cost_reference model (where=local, money saved).",
+            ["where"],
+            registry=r,
+        )
         self.live = _LiveCollector(pool, telemetry)
         r.register(self.live)
 
@@ -248,6 +255,9 @@ class EdgeMetrics:
             self.failovers.inc(record.failovers)
         if record.limiter is not None:
             child(self.limiter, record.limiter).inc()
+        if record.cost_usd:
+            cloud = (record.served_by or "").startswith("cloud:")
+            child(self.cost, "cloud" if cloud else "local").inc(record.cost_usd)
 
     def _child(self, metric: Any, *values: str) -> Any:
         """`metric.labels(*values)`, remembered: `labels()` validates and locks on every call,

@@ -42,6 +42,12 @@ class RequestRecord:
     agent: str | None = None  # the workstation that answered (or failed last), by its name
     upstream_retries: int = 0  # resends on a new connection after a reused one was dead
     failovers: int = 0  # other agents tried after one failed before any byte reached the client
+    # Where the answer was made: an agent's name, or `cloud:<name>` for a cloud fallback
+    # (docs/fallback.md); None when nothing served it.
+    served_by: str | None = None
+    # What the answer cost in US dollars (a cloud's, from its price table), or for an answer
+    # made locally, what the same tokens would have cost on `cost_reference`: money saved.
+    cost_usd: float | None = None
     # Who decided the rate limits: "local" (this edge's buckets) or "redis" (the edges'
     # shared ones); None when no limit applied.
     limiter: str | None = None

@@ -45,6 +45,7 @@ from edge.proxy.features import Feature, build_features
 from edge.settings import EdgeSettings
 from edge.telemetry import TelemetryWriter
 from edge.upstreams import connections
+from edge.upstreams.cloud import Fallbacks, open_clouds
 from edge.upstreams.connections import Sessions
 from edge.upstreams.pool import Pool, build_pool
 from edge.upstreams.sshd import EmbeddedSSHServer
@@ -70,6 +71,7 @@ class Edge:
     listeners: Listeners  # connection caps at accept, per listener
     sshd: EmbeddedSSHServer | None  # the embedded SSH server, when `ssh_port` is set
     cluster: Cluster | None  # the state several edges share, when `redis_url` is set
+    fallbacks: Fallbacks  # the clouds a request may fall back to (none unless configured)
 
 
 EDGE = web.AppKey("edge", Edge)
@@ -107,6 +109,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         stack.push_async_callback(telemetry.aclose)
         sessions = await stack.enter_async_context(connections.sessions(settings, upstream_key))
         metrics = EdgeMetrics(settings.models, pool, telemetry)
+        fallbacks = await stack.enter_async_context(open_clouds(settings))
         cluster = None
         if settings.redis_url is not None:
             cluster = await stack.enter_async_context(open_cluster(settings, guard, pool, budgets))
@@ -143,6 +146,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
             listeners=listeners,
             sshd=sshd,
             cluster=cluster,
+            fallbacks=fallbacks,
         )
         guard.start()
         stack.push_async_callback(guard.close)  # the last ban list and report are kept

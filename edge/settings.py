@@ -7,7 +7,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from edge.proxy.body_policy import check_extra_fields
@@ -56,6 +56,8 @@ class FeatureSettings(BaseModel):
     rpm: int | None = Field(None, ge=1)
     # Browser origins allowed to call this feature, besides the edge's `cors_origins`.
     cors_origins: list[str] = []
+    # A cloud (`[clouds.NAME]`) that answers this feature when the workstations cannot.
+    fallback: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -75,6 +77,34 @@ class FeatureSettings(BaseModel):
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
         return value
+
+
+class Price(BaseModel):
+    """A cloud model's price in US dollars per million tokens."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+class CloudSettings(BaseModel):
+    """An OpenAI-compatible cloud the edge may fall back to (`[clouds.NAME]`, docs/fallback.md):
+    prompts go there only for models, features and keys that name it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["openai"] = "openai"
+    # The API's base URL, `/v1` included: https://api.openai.com/v1, https://api.groq.com/openai/v1
+    base_url: str = Field(pattern=r"^https?://")
+    # A file holding its API key (sent as a bearer token; read at start, never logged).
+    api_key_file: Path | None = None
+    # The cloud's model for each local model name (`"llama3.2:3b" = "gpt-4o-mini"`; "*": any).
+    models: dict[str, str] = {}
+    # Its price per model, for `cost_usd` (`prices."gpt-4o-mini" = {input = 0.15, output = 0.6}`).
+    prices: dict[str, Price] = {}
+    # Seconds to its answer's first byte; past it the request fails (504).
+    timeout: float = Field(60.0, gt=0)
 
 
 class UpstreamSettings(BaseModel):
@@ -109,6 +139,19 @@ class EdgeSettings(BackhaulSettings):
     # Send a conversation's next turn to the agent that answered the last, for its prompt cache
     # (edge.upstreams.affinity); false: by load alone.
     pool_affinity: bool = True
+    # Cloud fallback (docs/fallback.md): off unless named. The clouds the edge may use, and for
+    # which models (`fallback = {"llama3.2:3b" = "openai"}`; "*": every model); features and
+    # API keys can name one too, and a key can be kept local whatever is named.
+    clouds: dict[str, CloudSettings] = {}
+    fallback: dict[str, str] = {}
+    # Seconds a request with a fallback waits for a local GPU slot before the cloud serves it.
+    fallback_wait: float = Field(2.0, ge=0)
+    # The local models' context, in tokens: a prompt estimated longer goes to the fallback.
+    # Unset: never decided by size.
+    fallback_context_tokens: int | None = Field(None, ge=1)
+    # `CLOUD:MODEL` whose prices cost a local answer (`cost_usd`, what the cloud would have
+    # charged); unset: local answers have no cost.
+    cost_reference: str | None = None
     # A file holding the model server's own API key (vLLM or llama-server started with
     # `--api-key`), sent upstream as `Authorization: Bearer` on every request and probe; read
     # once at start, never logged. Unset: no credential (Ollama needs none). Callers' own keys
@@ -278,6 +321,21 @@ class EdgeSettings(BackhaulSettings):
     @classmethod
     def _extra_fields(cls, value: list[str]) -> list[str]:
         return check_extra_fields(value)
+
+    @model_validator(mode="after")
+    def _clouds_named(self) -> EdgeSettings:
+        named = [*self.fallback.values(), *(f.fallback for f in self.features.values())]
+        for cloud in named:
+            if cloud is not None and cloud not in self.clouds:
+                raise ValueError(f"fallback names the cloud {cloud!r}: no [clouds.{cloud}] table")
+        if self.cost_reference is not None:
+            cloud, _, model = self.cost_reference.partition(":")
+            if cloud not in self.clouds or model not in self.clouds[cloud].prices:
+                raise ValueError(
+                    f"cost_reference {self.cost_reference!r}: CLOUD:MODEL with a price in "
+                    "[clouds.CLOUD.prices]"
+                )
+        return self
 
     @field_validator("upstreams")
     @classmethod

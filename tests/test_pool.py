@@ -24,9 +24,9 @@ from aiohttp import web
 
 from edge.upstreams.base import State
 from simulator.app import SimulatorSettings
-from simulator.serve import running_simulator, start_simulator
+from simulator.serve import running_simulator
 from tests.support.metrics import scrape, value
-from tests.support.servers import Edge, edge, free_port, serving
+from tests.support.servers import Edge, Workstation, edge, free_port, serving
 from tests.support.sshd import (
     edge_with_sshd,
     make_key,
@@ -39,35 +39,6 @@ SHARED, ONLY_A, ONLY_C = "llama3.2:1b", "qwen2.5:0.5b", "phi3:mini"
 
 def sim(*models: str, **settings: Any) -> Any:
     return running_simulator(SimulatorSettings(models=models, **settings))
-
-
-class Workstation:
-    """A simulator that can be stopped and started again on the same port: a model server
-    that dies and comes back."""
-
-    def __init__(self, *models: str, **settings: Any) -> None:
-        self.settings = SimulatorSettings(models=models, **settings)
-        self.port = 0
-        self.runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.runner, self.port = await start_simulator(self.settings, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    async def __aenter__(self) -> Workstation:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 @asynccontextmanager

@@ -12,8 +12,11 @@ Each edge also keeps, per agent, how many leases the other edges hold (`Agent.el
 by every renewal and lowered by the `released` events): its own gate counts them as taken, so a
 request waits in this edge's fair queue rather than asking Redis in a loop.
 
-Redis away: the leases already held are kept (the renewal waits for Redis), new requests go by
-the last count of the others' leases (the gate keeps its last state) and are not leased.
+Redis away: the leases already held are kept (the renewal waits for Redis); new requests are
+not leased, and each edge gates alone, up to each agent's `max_inflight`: the others' count is
+forgotten, since the events that would lower it are lost meanwhile and a stale count would stall
+this edge's queue until Redis is back. Together the edges may then admit more than an agent's
+slots (the model server queues the rest) for as long as Redis is away.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class SharedLeases:
         self._ids = itertools.count()
         self._releasing: set[asyncio.Task[None]] = set()
         link.on("released", self._released_elsewhere)
+        link.on_down(self._alone)
 
     async def take(self, agent: Agent) -> str | None:
         """A lease on one of `agent`'s slots: its id, `""` when Redis is away (the request goes
@@ -113,6 +117,11 @@ class SharedLeases:
         except RedisDown:
             return  # it expires
         await self._link.publish("released", agent=agent.name)
+
+    def _alone(self) -> None:
+        for agent in self._pool.agents.values():
+            agent.elsewhere = 0
+        self._pool.changed()
 
     def _released_elsewhere(self, event: dict[str, Any]) -> None:
         agent = self._pool.agents.get(str(event.get("agent")))

@@ -6,9 +6,11 @@ One edge needs no Redis; with `redis_url` set, the policy stores (`edge.cluster.
 - **The client** (`redis.asyncio` with hiredis's parser) and the one rule every caller keeps: no
   request waits on Redis longer than `redis_timeout` (50 ms by default: a same-region round trip
   is a tenth of a millisecond; Envoy allows 20 ms, LiteLLM 100 ms). `call()` bounds each use.
-- **A breaker.** `_BREAK_AFTER` failures in a row open it: callers are told at once that Redis is
-  away (`RedisDown`) and fall back to their local state, instead of each paying the timeout; the
-  link's loop pings every `_PROBE_S` and closes it on the first answer. The research's numbers
+- **A breaker.** `_BREAK_AFTER` failures in a row open it, and so does one call that used up the
+  whole timeout (a silent Redis: the next call would cost another timeout, and a request makes
+  two, the limits and the gate's lease; so no request waits on Redis much past one timeout):
+  callers are told at once that Redis is away (`RedisDown`) and fall back to their local state;
+  the link's loop pings every `_PROBE_S` and closes it on the first answer. The research's numbers
   (LiteLLM: 5 failures, 60 s) are for a cloud; a loopback or same-region Redis that answers again
   should be used again within seconds.
 - **The edges' heartbeat**: each edge is a member of `bh:edges` scored by Redis's own clock,
@@ -83,6 +85,7 @@ class RedisLink:
         self._open = False  # the breaker
         self._handlers: dict[str, Handler] = {}
         self._resyncs: list[Resync] = []
+        self._down_listeners: list[Callable[[], None]] = []
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._changed = asyncio.Event()
 
@@ -106,7 +109,10 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.timeout):
                 result = await use()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:
+            self._failed(exc, at_once=True)
+            raise RedisDown("no answer within the timeout") from exc
+        except (RedisError, OSError) as exc:
             self._failed(exc)
             raise RedisDown(str(exc) or type(exc).__name__) from exc
         self.failures = 0
@@ -122,11 +128,17 @@ class RedisLink:
         """Return at the next change of `up` (for tests; bound it with a timeout)."""
         await self._changed.wait()
 
-    def _failed(self, exc: BaseException) -> None:
+    def on_down(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever the breaker opens."""
+        self._down_listeners.append(listener)
+
+    def _failed(self, exc: BaseException, *, at_once: bool = False) -> None:
         self.errors += 1
         self.failures += 1
-        if self.failures >= _BREAK_AFTER and not self._open:
+        if (at_once or self.failures >= _BREAK_AFTER) and not self._open:
             self._set_open(True, repr(exc))
+            for listener in self._down_listeners:
+                listener()
 
     def _set_open(self, opened: bool, reason: str = "") -> None:
         self._open = opened

@@ -23,6 +23,7 @@ EXPOSED_HEADERS = ", ".join(
         "X-Tokens",
         "X-Request-Id",
         "X-Edge-Overhead-Ms",
+        "X-Backhaul-Served-By",
         "Retry-After",
         "RateLimit-Limit",
         "RateLimit-Remaining",

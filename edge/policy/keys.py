@@ -79,6 +79,10 @@ class ApiKey(BaseModel):
     rpm: int | None = Field(None, ge=1)  # requests per minute
     tpm: int | None = Field(None, ge=1)  # tokens (prompt + generated) per minute
     max_concurrency: int | None = Field(None, ge=1)  # requests in flight at once
+    # A cloud (`[clouds.NAME]`) this key's requests may fall back to (docs/fallback.md).
+    fallback: str | None = None
+    # Never to a cloud, whatever a model or a feature names: this key's prompts stay local.
+    local_only: bool = False
     budget: Budget | None = None  # tokens per day or month; refused 429 once spent
 
     @field_validator("created", "expires")

@@ -31,7 +31,9 @@ from edge.errors import (
     EdgeError,
     Forbidden,
     InvalidRequest,
+    ModelNotFound,
     NotSupported,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     UpstreamBusy,
@@ -40,7 +42,7 @@ from edge.errors import (
 )
 from edge.exchange import EXCHANGE, Exchange
 from edge.models import canonical_model
-from edge.proxy import body_json, body_limits, lists, ollama, relay, usage
+from edge.proxy import body_json, body_limits, cloud_route, lists, ollama, relay, usage
 from edge.proxy.usage import NS_PER_S, Usage
 from edge.routes import Kind, Route
 from edge.services import EDGE, Edge
@@ -132,6 +134,43 @@ async def forward(
         ex.record.agent = lists.ALL_AGENTS if len(answered) > 1 else answered[0]
         body = orjson.dumps(ollama.filter_models(listing, _model_filter(edge, ex)))
         return _response(ex, 200, "application/json", body, {})
+    inference = route.kind in (Kind.GENERATE, Kind.EMBED)
+    cloud = edge.fallbacks.for_request(ex, named) if inference else None
+    if cloud is None:
+        return await _local(request, edge, ex, route, payload, model, None)
+    if _too_long(edge, ex):
+        return await cloud_route.serve(request, edge, ex, route, payload, cloud, "context_window")
+    try:
+        return await _local(request, edge, ex, route, payload, model, edge.fallbacks.wait)
+    except FALLBACK_ON as failure:
+        if ex.headers_sent:
+            raise
+        return await cloud_route.serve(request, edge, ex, route, payload, cloud, failure.type)
+
+
+# What the workstations' failure to serve looks like, before any byte: none serves the model,
+# none is connected, every one stayed busy past `fallback_wait`, or the last try failed.
+FALLBACK_ON = (ModelNotFound, Overloaded, *RETRYABLE)
+
+
+def _too_long(edge: Edge, ex: Exchange) -> bool:
+    """The prompt, as estimated from its size, is longer than the local models' context."""
+    limit = edge.fallbacks.context_tokens
+    estimate = usage.estimate_prompt_tokens(ex.record.prompt_chars)
+    return limit is not None and estimate is not None and estimate > limit
+
+
+async def _local(
+    request: web.Request,
+    edge: Edge,
+    ex: Exchange,
+    route: Route,
+    payload: bytes | None,
+    model: str | None,
+    wait: float | None,
+) -> web.StreamResponse:
+    """Serve from the workstations: the loop of `forward()`'s doc; `wait` bounds the queue."""
+    pool = edge.pool
     tried: list[Agent] = []
     while True:
         candidates = pool.candidates(model, avoid=tried)
@@ -140,7 +179,7 @@ async def forward(
             if route.kind in (Kind.GENERATE, Kind.EMBED):
                 key, limit = gate_key(ex)
                 pick = pool.picker(candidates, model, ex.conversation)
-                async with pool.gate.slot(key, limit, pick) as slot:
+                async with pool.gate.slot(key, limit, pick, wait) as slot:
                     assert isinstance(slot.seat, Agent)
                     agent = slot.seat
                     queued = (ex.record.queue_ms or 0.0) + slot.queue_ms
@@ -173,6 +212,9 @@ async def forward(
             pool.failed(agent, "upstream_broken")
         else:
             pool.served(agent, ex.conversation, ex.record)
+        record = ex.record
+        record.served_by = agent.name
+        record.cost_usd = edge.fallbacks.reference_cost(record.prompt_tokens, record.tokens)
         return response
 
 
@@ -266,6 +308,7 @@ async def _forward(
                 edge.sessions, ex.record, route.method, url, payload, headers
             )
     ex.record.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 3)
+    agent.monitor.answered_at = time.monotonic()
     try:
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "application/json")
         if upstream.status == 200 and content_type.startswith(STREAM_TYPES):
@@ -353,6 +396,8 @@ def _response(
 ) -> web.Response:
     ex.record.bytes_out = len(body)
     extra["X-Edge-Overhead-Ms"] = f"{ex.overhead_ms():.3f}"
+    if ex.record.agent is not None:
+        extra[cloud_route.SERVED_BY] = ex.record.agent
     response = web.Response(status=status, body=body, headers=extra)
     response.headers[hdrs.CONTENT_TYPE] = content_type
     return response
@@ -422,6 +467,7 @@ async def _relay_stream(
             hdrs.CONTENT_TYPE: content_type,
             hdrs.CACHE_CONTROL: "no-cache",
             "X-Accel-Buffering": "no",  # nginx/Caddy in front: do not buffer this stream
+            cloud_route.SERVED_BY: ex.record.agent or "",
         },
     )
     await response.prepare(request)

@@ -123,18 +123,23 @@ class Gate:
 
     @asynccontextmanager
     async def slot(
-        self, key: str = "", limit: int | None = None, pick: Pick | None = None
+        self,
+        key: str = "",
+        limit: int | None = None,
+        pick: Pick | None = None,
+        wait: float | None = None,
     ) -> AsyncIterator[Slot]:
         """Hold one upstream slot for the `with` block (or until `Slot.release()`).
 
         `key` groups a caller's requests for fairness; `limit` is that key's own concurrency
-        limit (None: only the gate's); `pick` chooses the seat (None: the gate's own).
+        limit (None: only the gate's); `pick` chooses the seat (None: the gate's own); `wait`
+        a shorter longest wait than `queue_timeout` (a request with somewhere else to go).
 
         Error handling: raises `Overloaded` when the queue is full (and nobody else's waiter
         can be dropped instead), when this waiter was dropped for a quieter key, or when the
         wait passes `queue_timeout`.
         """
-        slot = await self.acquire(key, limit, pick or self._own_seat)
+        slot = await self.acquire(key, limit, pick or self._own_seat, wait)
         try:
             yield slot
         finally:
@@ -164,7 +169,9 @@ class Gate:
         to the waiters that can take it."""
         self._wake()
 
-    async def acquire(self, key: str, limit: int | None, pick: Pick) -> Slot:
+    async def acquire(
+        self, key: str, limit: int | None, pick: Pick, wait: float | None = None
+    ) -> Slot:
         """A slot on the seat `pick` chooses, now or after waiting; release it with
         `Slot.release()`. Errors as `slot()`."""
         if self._under_limit(key, limit):
@@ -177,8 +184,9 @@ class Gate:
                 return Slot(self, key, seat, 0.0)
         start = time.perf_counter()
         waiter = self._enqueue(key, limit, pick)
+        longest = self.queue_timeout if wait is None else min(wait, self.queue_timeout)
         try:
-            async with asyncio.timeout(self.queue_timeout):
+            async with asyncio.timeout(longest):
                 # Shielded: a timeout or a cancel must not cancel the decision itself, which
                 # `_wake` may be setting at that very moment.
                 granted = await asyncio.shield(waiter.decided)
@@ -187,7 +195,7 @@ class Gate:
             if granted is None:
                 self._forget(waiter)
                 raise Overloaded(
-                    f"waited {self.queue_timeout:g} s for the model server; try again shortly",
+                    f"waited {longest:g} s for the model server; try again shortly",
                     headers={"Retry-After": self._retry_after},
                 ) from None
             # the slot came as the wait ran out: take it

@@ -91,6 +91,8 @@ class UpstreamMonitor:
         # the last probe found; False until a probe says so.
         self.openai_only = False
         self._connected = False
+        # time.monotonic() of the last response headers a request got from this upstream.
+        self.answered_at = 0.0
         self._waiting: set[Waiting] = set()
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()  # set, then replaced, on every state change
@@ -223,6 +225,7 @@ class UpstreamMonitor:
         it would take the edge's credential (llama.cpp checks the key before routing, so its
         404 does; its `/v1/models` is public).
         """
+        started = time.monotonic()
         try:
             status = await self._ask(session, self._url)
             self.openai_only = status == 404
@@ -233,6 +236,11 @@ class UpstreamMonitor:
             seen = classify(exc)
             assert seen is not None  # classify() reads every aiohttp failure and timeout
             state, reason = seen
+            if state is State.TUNNEL_SILENT and self.answered_at > started:
+                # Requests got answers while the probe waited: the tunnel is not silent, the
+                # model server is only busy (a probe queues behind generations there).
+                self._log.info("upstream.probe_slow", reason=reason)
+                return self._state
             self._set(state, f"probe: {reason}")
         return self._state
 

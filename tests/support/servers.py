@@ -25,7 +25,7 @@ from edge.http.protocol import EdgeRunner
 from edge.settings import EdgeSettings
 from edge.upstreams.agent import Agent
 from edge.upstreams.sshd import EmbeddedSSHServer
-from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator
+from simulator.serve import RunningSimulator, SimulatorSettings, running_simulator, start_simulator
 
 
 @asynccontextmanager
@@ -125,6 +125,35 @@ async def _serving_edge(built: services.Edge, path: Path) -> AsyncIterator[Edge]
     app.middlewares.insert(0, note_end)
     async with serving(app) as url:
         yield Edge(url, app, built, path, ended)
+
+
+class Workstation:
+    """A simulator that can be stopped and started again on the same port: a model server
+    that dies and comes back."""
+
+    def __init__(self, *models: str, **settings: Any) -> None:
+        self.settings = SimulatorSettings(models=models or SimulatorSettings().models, **settings)
+        self.port = 0
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.runner, self.port = await start_simulator(self.settings, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def __aenter__(self) -> Workstation:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def forwarded(sim: RunningSimulator) -> list[str]:
