@@ -19,8 +19,9 @@ import pytest
 from aiohttp import web
 
 from tests.support.cdp import Page, chromium, find_chromium
+from tests.support.cloud import CHAT_MODEL, running_cloud
 from tests.support.keyfiles import write_keys
-from tests.support.servers import edge, serving, simulator
+from tests.support.servers import edge, free_port, serving, simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_PAGE = ROOT / "docs" / "demo.html"
@@ -50,6 +51,7 @@ async (fields) => {
     state: status.dataset.state, status: status.textContent, output: text("output"),
     source: text("fig-source"), tokens: text("fig-tokens"), tok_per_s: text("fig-tok-per-s"),
     gen_time: text("fig-gen-time"), request_id: text("fig-request-id"),
+    served_by: text("fig-served-by"),
   };
 }
 """
@@ -133,6 +135,9 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             assert float(whole["tok_per_s"]) == pytest.approx(record["tok_per_s"], abs=0.01)
             assert float(whole["gen_time"]) >= 0
             assert whole["output"]
+            # Where it was made (X-Backhaul-Served-By): the one upstream's agent, "default".
+            assert record["served_by"] == record["agent"] == "default"
+            assert whole["served_by"] == "answered by default"
 
             # Streamed (?stream=1): tokens land in the page; the figures come from the final
             # NDJSON line.
@@ -142,6 +147,7 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             assert streamed["tokens"] == "12"
             assert float(streamed["tok_per_s"]) > 0
             assert streamed["output"]
+            assert streamed["served_by"] == "answered by default"
             assert (await e.record(streamed["request_id"]))["stream"] is True
 
             # The Ollama API needs a key: the page says so, then sends the one typed in (an
@@ -158,6 +164,7 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             assert offline["state"] == "offline", offline
             assert "Model offline (agent_unavailable)" in offline["status"]
             assert "Try again in 7 s." in offline["status"]  # Retry-After, an exposed header
+            assert offline["served_by"] == "-"  # nothing answered
             assert (await e.record(offline["request_id"]))["status"] == 503
 
             # Control: from an origin the edge does not list, the browser refuses the call.
@@ -166,3 +173,40 @@ async def test_page_reads_figures_cross_origin_and_says_offline(
             refused = await run_demo(page, path="/features/oneline", stream=False)
             assert refused["state"] == "error"
             assert "not in the edge's BACKHAUL_EDGE_CORS_ORIGINS" in refused["status"]
+
+
+@pytest.mark.browser
+async def test_page_says_when_the_cloud_answered(
+    tmp_path: Path, chromium_path: str, page_site: str
+):
+    """The workstation is off and the feature may fall back: the page says the cloud answered,
+    streamed or not, from the header the edge exposes to this origin."""
+    feature = {"model": "llama3.2:1b", "anonymous": True, "fallback": "test"}
+    async with running_cloud() as cloud:
+        key_file = tmp_path / "cloud-key"
+        key_file.write_text(cloud.api_key + "\n")
+        models = {"llama3.2:1b": CHAT_MODEL}
+        clouds = {
+            "test": {"base_url": f"{cloud.url}/v1", "api_key_file": key_file, "models": models}
+        }
+        away = f"http://127.0.0.1:{free_port()}"
+        async with (
+            edge(
+                away,
+                tmp_path,
+                features={"oneline": feature},
+                clouds=clouds,
+                cors_origins=[page_site],
+            ) as e,
+            chromium(chromium_path, tmp_path / "profile") as browser,
+        ):
+            page = await browser.new_page()
+            await page.goto(f"{page_site}/demo.html?base={e.url}")
+            for stream in (False, True):
+                shown = await run_demo(page, path="/features/oneline", stream=stream, prompt="?")
+                assert shown["state"] == "done", (shown, browser.events_text())
+                assert shown["served_by"] == "answered by the cloud (cloud:test)"
+                assert shown["output"]
+                record = await e.record(shown["request_id"])
+                assert record["served_by"] == "cloud:test" and record["stream"] is stream
+            assert len(cloud.requests) == 2

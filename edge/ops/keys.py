@@ -3,9 +3,12 @@
 `add` prints the new secret once, on stdout, and stores only its SHA-256; `list` never shows a
 secret, and shows each token budget with what the key spent of it this period (from the budgets
 file the edge saves every few seconds); `revoke` disables a key (kept in the file, so `list`
-shows it was revoked). Each command rewrites the file atomically under a lock file, and a running
-edge picks the change up within a second (or at once on SIGHUP) without a restart. There is no
-verb that edits a key: a budget is set by `add --budget`, or changed by editing the keys file.
+shows it was revoked). `add --fallback CLOUD` lets a key's requests go to a cloud the edge's
+settings configure (`[clouds.CLOUD]`), `add --local-only` keeps them on the workstations whatever
+else names a cloud (docs/fallback.md). Each command rewrites the file atomically under a lock
+file, and a running edge picks the change up within a second (or at once on SIGHUP) without a
+restart. There is no verb that edits a key: a budget is set by `add --budget`, or changed by
+editing the keys file.
 """
 
 from __future__ import annotations
@@ -78,6 +81,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=time_arg(ago=False, units=_EXPIRY_UNITS),
         help="30d, 12h, 2w, a date or an ISO time",
     )
+    where = add.add_mutually_exclusive_group()
+    where.add_argument(
+        "--fallback",
+        metavar="CLOUD",
+        help="a cloud ([clouds.CLOUD] in the edge's settings) this key's requests may fall back to",
+    )
+    where.add_argument(
+        "--local-only",
+        action="store_true",
+        help="never send this key's prompts to a cloud, whatever a model or feature names",
+    )
     add.set_defaults(func=run_add)
 
     listing = sub.add_parser("list", help="show the keys (never their secrets)")
@@ -149,9 +163,25 @@ def _guarded(action: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     return run
 
 
+def _check_cloud(settings: EdgeSettings, cloud: str | None) -> None:
+    """Refuse a `--fallback` that names no configured cloud: the edge would never use it, and
+    the operator would believe the key has a fallback it does not."""
+    if cloud is None or cloud in settings.clouds:
+        return
+    configured = ", ".join(sorted(settings.clouds)) or "none"
+    raise ConfigError(
+        f"--fallback {cloud!r}: the edge's settings have no [clouds.{cloud}] table "
+        f"(clouds configured: {configured}); see docs/fallback.md"
+    )
+
+
 @_guarded
 def run_add(args: argparse.Namespace) -> int:
     path = _keys_path(args)
+    # Before the file is written: settings that do not load, or a cloud they do not configure,
+    # must not leave a key in the file whose secret was never shown.
+    settings = _settings(args)
+    _check_cloud(settings, args.fallback)
     secret = new_secret()
     key = ApiKey(
         name=args.name,
@@ -163,13 +193,14 @@ def run_add(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         max_concurrency=args.max_concurrency,
         budget=args.budget,
+        fallback=args.fallback,
+        local_only=args.local_only,
     )
     with _locked(path) as keys:
         if any(k.name == key.name for k in keys.keys):
             print(f"backhaul-edge keys: a key named {key.name!r} exists", file=sys.stderr)
             return 1
         write_keys_file(path, KeysFile(keys=[*keys.keys, key]))
-    settings = _settings(args)
     if settings.redis_url is not None:
         shared_keys.share(settings, [key])
     print(secret)
@@ -196,13 +227,14 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'name':<20} {'state':<8} {'expires':<20} {'rpm':>6} {'tpm':>8} {'conc':>4} "
-        f"{'budget':>12} {'spent':>18}  models"
+        f"{'budget':>12} {'spent':>18} {'cloud':<12}  models"
     )
     for key, row in zip(keys.keys, rows, strict=True):
         print(
             f"{key.name:<20} {row['state']:<8} {row['expires'] or '-':<20} "
             f"{key.rpm or '-':>6} {key.tpm or '-':>8} {key.max_concurrency or '-':>4} "
-            f"{_budget_text(key.budget):>12} {_spent_text(row['spent']):>18}  "
+            f"{_budget_text(key.budget):>12} {_spent_text(row['spent']):>18} "
+            f"{_cloud_text(key):<12}  "
             f"{', '.join(sorted(key.models)) or '(all allowed)'}"
         )
     return 0
@@ -238,6 +270,12 @@ def _budget_text(budget: Budget | None) -> str:
     n = budget.tokens
     amount = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else n
     return f"{amount}/{budget.period}"
+
+
+def _cloud_text(key: ApiKey) -> str:
+    if key.local_only:
+        return "local only"
+    return key.fallback or "-"
 
 
 def _spent_text(spent: dict[str, Any] | None) -> str:
