@@ -1,6 +1,7 @@
 """`backhaul-agent keygen`: the agent's ed25519 key pair and the lines that authorize it.
 
-Writes the private key (mode 0600, never overwritten without `--force`) and `<key>.pub`, then
+Writes the private key (mode 0600, or on Windows an ACL for this user, SYSTEM and Administrators;
+never overwritten without `--force`) and `<key>.pub`, then
 prints the public key, the `authorized_keys` line for system-sshd mode and the line for the
 edge's agent-keys file. Run on an existing key it only prints, so the lines can be shown again.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import asyncssh
 
+from agent import platforms
 from agent.settings import AgentSettings
 from shared.cli import Subparsers, add_command
 from shared.errors import ConfigError
@@ -39,7 +41,8 @@ def generate(path: Path, comment: str) -> asyncssh.SSHKey:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(key.export_private_key("openssh"))
-    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file (--force)
+    # O_CREAT's mode does not apply to an existing file (--force), nor anywhere on Windows.
+    platforms.protect_private_key(path)
     Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
     return key
 

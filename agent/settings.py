@@ -2,7 +2,9 @@
 
 Relative paths are relative to the working directory; the systemd unit runs the agent in its
 state directory (`/var/lib/backhaul-agent`, also `state_dir`'s default, so `backhaul-agent
-status` finds the file with no settings) and hands it the private key as a credential.
+status` finds the file with no settings) and hands it the private key as a credential. On macOS
+and Windows both defaults follow the OS (`agent.platforms`: `~/Library/Application Support`,
+`%ProgramData%`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from agent import platforms
 from shared.protocol import TUNNEL_PORT
 from shared.settings import BackhaulSettings, url_address
 
@@ -56,7 +59,7 @@ class AgentSettings(BackhaulSettings):
     """Everything the agent process reads at start; one frozen instance built in `main()`."""
 
     model_config = SettingsConfigDict(env_prefix="BACKHAUL_AGENT_")
-    default_config_file: ClassVar[Path | None] = Path("/etc/backhaul/agent.toml")
+    default_config_file: ClassVar[Path | None] = Path(platforms.default_config_file())
 
     # Where to dial: the VPS's sshd (22) or the edge's embedded server (2222, the default). This
     # is the first edge; `extra_edges` lists the others.
@@ -105,7 +108,7 @@ class AgentSettings(BackhaulSettings):
 
     # Where `status.json` lives (what `backhaul-agent status` reads): the systemd unit's
     # StateDirectory, never the working directory.
-    state_dir: Path = Path("/var/lib/backhaul-agent")
+    state_dir: Path = Path(platforms.default_state_dir())
     # Prometheus `/metrics` on 127.0.0.1 at this port (agent.metrics); 0 = off, the default:
     # nothing on the workstation listens unless asked to.
     metrics_port: int = Field(0, ge=0, le=65535)

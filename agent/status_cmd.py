@@ -10,29 +10,19 @@ edge's forward is: one edge down is a degraded agent (its clients get 503s), so 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import orjson
 
+from agent import platforms
 from agent.settings import AgentSettings
 from agent.status import STATUS_FILE, AgentStatus, EdgeStatus, read_status
 from shared.errors import ConfigError
 
 # Exit statuses, for scripts and monitoring checks.
 EXIT_UP, EXIT_DEGRADED, EXIT_UNKNOWN = 0, 1, 3
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user (DynamicUser)
-        return True
-    return True
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if status is None:
         print(f"no agent status at {path} (is the agent running with this state directory?)")
         return EXIT_UNKNOWN
-    running = _alive(status.pid)
+    running = platforms.pid_alive(status.pid)
     if args.json:
         sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

@@ -4,7 +4,8 @@ Both programs use it. The agent sends `READY=1` once the first forward is up, th
 listens (`Type=notify` holds dependants until then); `STATUS=`
 on every state change (shown by `systemctl status`), `WATCHDOG=1` from the event loop at half
 of `$WATCHDOG_USEC` (so a wedged loop is restarted, not just a dead process), `STOPPING=1` on
-SIGTERM. Outside systemd every call is a no-op. The protocol is a few lines (sd_notify(3)), so
+SIGTERM. Outside systemd every call is a no-op, and so on a system without AF_UNIX datagram
+sockets (Windows; the agent runs there too). The protocol is a few lines (sd_notify(3)), so
 there is no dependency for it.
 """
 
@@ -41,7 +42,7 @@ class Notifier:
         watchdog_pid: int | None = None,
     ) -> None:
         self._address: str | bytes | None = None
-        if notify_socket:
+        if notify_socket and hasattr(socket, "AF_UNIX"):
             # A leading "@" names a Linux abstract socket, spelled with a NUL byte.
             self._address = (
                 b"\0" + notify_socket[1:].encode() if notify_socket[0] == "@" else notify_socket
@@ -64,7 +65,7 @@ class Notifier:
         message = "\n".join(f.replace("\n", " ") for f in fields).encode()
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # not inherited
                 self._sock.setblocking(False)
             self._sock.sendto(message, self._address)
         except OSError as exc:

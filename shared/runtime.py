@@ -4,6 +4,11 @@ the GC, and how it stops.
 uvloop when it is installed (measured faster: docs/performance.md; absent on Windows), a
 garbage collector kept off the tail latency of a long-running server (`tune_gc`), and SIGTERM
 or SIGINT as the request to stop, SIGHUP as the program's own "look again" (`stop_on_signals`).
+
+The agent also runs on Windows, where there is no SIGHUP and the Proactor loop has no
+`add_signal_handler`: there the stop signals (SIGINT, which a service wrapper's Ctrl+C and a
+console's Ctrl-C raise, and SIGBREAK) are caught with `signal.signal` and handed to the loop,
+and "look again" has no signal (a restart of the service does it).
 """
 
 from __future__ import annotations
@@ -55,26 +60,56 @@ def tune_gc() -> None:
 def stop_on_signals(
     stop: asyncio.Event | None = None, *, on_sighup: Callable[[], object] | None = None
 ) -> Iterator[asyncio.Event]:
-    """Inside the block, SIGTERM and SIGINT set the event it yields (`stop`, or a new one) and
-    SIGHUP calls `on_sighup`, if given; call it with the loop running.
+    """Inside the block, SIGTERM and SIGINT (and SIGBREAK, on Windows) set the event it yields
+    (`stop`, or a new one) and SIGHUP, where it exists, calls `on_sighup`, if given; call it
+    with the loop running.
 
     `with stop_on_signals() as stop: ... await stop.wait()`: systemd's stop (SIGTERM), Ctrl-C
     and the caller's own `stop.set()` all end the wait the same way, and the program shuts down
     in its own order instead of being interrupted wherever it was.
 
     Resource handling: the handlers are removed when the block ends, however it ends, so a
-    signal after it gets Python's default (SIGINT: KeyboardInterrupt; SIGTERM: exit).
+    signal after it gets what it got before (SIGINT: KeyboardInterrupt; SIGTERM: exit).
     """
     stop = asyncio.Event() if stop is None else stop
     loop = asyncio.get_running_loop()
-    handled = [signal.SIGTERM, signal.SIGINT]
-    for sig in handled:
-        loop.add_signal_handler(sig, stop.set)
-    if on_sighup is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        handled.append(signal.SIGHUP)
+    wanted: list[tuple[signal.Signals, Callable[[], object]]] = [
+        (sig, stop.set) for sig in _stop_signals()
+    ]
+    sighup = getattr(signal, "SIGHUP", None)
+    if on_sighup is not None and sighup is not None:
+        wanted.append((sighup, on_sighup))
+    undo = [_handle(loop, sig, callback) for sig, callback in wanted]
     try:
         yield stop
     finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
+        for restore in reversed(undo):
+            restore()
+
+
+def _stop_signals() -> list[signal.Signals]:
+    # SIGBREAK: Ctrl-Break in a Windows console, the only other stop a console process gets.
+    names = ("SIGTERM", "SIGINT", "SIGBREAK")
+    return [getattr(signal, name) for name in names if hasattr(signal, name)]
+
+
+def _handle(
+    loop: asyncio.AbstractEventLoop, sig: signal.Signals, callback: Callable[[], object]
+) -> Callable[[], None]:
+    """Run `callback` on `loop` when `sig` arrives; returns what puts the old handling back."""
+    try:
+        loop.add_signal_handler(sig, callback)
+    except NotImplementedError:  # Windows' loops: a plain handler, handed to the loop
+        previous = signal.getsignal(sig)
+        signal.signal(sig, lambda _sig, _frame: loop.call_soon_threadsafe(callback))
+
+        def restore() -> None:
+            # None: a handler not set from Python, which cannot be set back; the default it is.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+        return restore
+    return lambda: _remove(loop, sig)
+
+
+def _remove(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
+    loop.remove_signal_handler(sig)
