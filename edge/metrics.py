@@ -32,29 +32,23 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import prometheus_client
 import structlog
 from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
+from edge.metrics_live import LiveCollector
 from edge.models import canonical_model
 from edge.policy.guard import credentials
 from edge.record import RequestRecord
 from edge.routes import BY_PATH, FEATURE_PREFIX, OWN_PATHS
 from edge.telemetry import TelemetryWriter
-from edge.upstreams.base import State
 from edge.upstreams.pool import Pool
-
-if TYPE_CHECKING:
-    from edge.cluster.link import RedisLink
 
 log = structlog.get_logger(__name__)
 
@@ -213,7 +207,7 @@ class EdgeMetrics:
             ["where"],
             registry=r,
         )
-        self.live = _LiveCollector(pool, telemetry)
+        self.live = LiveCollector(pool, telemetry)
         r.register(self.live)
 
     def observe(self, record: RequestRecord) -> None:
@@ -284,110 +278,6 @@ class EdgeMetrics:
         # No allowlist: any string a client sends passes to the model server, which refuses
         # the ones it does not have; only what it served is a real model.
         return self._models(name) if 0 < record.status < 400 else OTHER
-
-
-class _LiveCollector(Collector):
-    """Gauges read from the live pool (its gate, each agent) and telemetry writer at scrape
-    time."""
-
-    def __init__(self, pool: Pool, telemetry: TelemetryWriter) -> None:
-        self._pool, self._telemetry = pool, telemetry
-        self.link: RedisLink | None = None  # the edges' shared Redis, when there is one
-
-    def describe(self) -> Iterable[Metric]:
-        return ()  # the families depend on live objects; nothing to check at registration
-
-    def collect(self) -> Iterator[Metric]:
-        pool = self._pool
-        agents = list(pool.agents.values())
-        yield _gauge(
-            "backhaul_inflight_requests", "Requests holding a GPU slot now.", pool.gate.inflight
-        )
-        yield _gauge(
-            "backhaul_queued_requests",
-            "Requests waiting for a GPU slot now (the pool's one queue).",
-            pool.gate.queued,
-        )
-        yield _gauge(
-            "backhaul_gate_slots",
-            "GPU slots of the workstations connected (each BACKHAUL_EDGE_MAX_INFLIGHT, or its "
-            "own).",
-            sum(agent.capacity for agent in agents if agent.monitor.agent_connected),
-        )
-        per_agent = {
-            name: GaugeMetricFamily(name, doc, labels=["agent"])
-            for name, doc in (
-                (
-                    "backhaul_agent_connected",
-                    "1 when the agent's tunnel is up (SSH presence, or the probe when unknown).",
-                ),
-                ("backhaul_agent_inflight_requests", "Requests holding one of its slots now."),
-                ("backhaul_agent_slots", "Its GPU slots (requests at once)."),
-                (
-                    "backhaul_agent_tokens_per_second",
-                    "Its decode-speed average over recent answers (0: no sample yet).",
-                ),
-                ("backhaul_agent_cooling", "1 while it cools down after failures in a row."),
-                ("backhaul_upstream_state_since_seconds", "Unix time of its state's last change."),
-            )
-        }
-        reconnects = CounterMetricFamily(
-            "backhaul_agent_reconnects",
-            "Times the agent's tunnel came back after its first connection.",
-            labels=["agent"],
-        )
-        tokens = CounterMetricFamily(
-            "backhaul_agent_tokens", "Tokens it generated.", labels=["agent"]
-        )
-        states = GaugeMetricFamily(
-            "backhaul_upstream_state",
-            "Each agent's model server as the edge sees it: 1 for the current state.",
-            labels=["agent", "state"],
-        )
-        now = time.monotonic()
-        for agent in agents:
-            monitor, label = agent.monitor, [agent.name]
-            status = monitor.status
-            speed = 1.0 / agent.s_per_token if agent.s_per_token else 0.0
-            for name, value in (
-                ("backhaul_agent_connected", int(monitor.agent_connected)),
-                ("backhaul_agent_inflight_requests", agent.inflight),
-                ("backhaul_agent_slots", agent.capacity),
-                ("backhaul_agent_tokens_per_second", speed),
-                ("backhaul_agent_cooling", int(agent.cooling(now))),
-                ("backhaul_upstream_state_since_seconds", status.since),
-            ):
-                per_agent[name].add_metric(label, value)
-            reconnects.add_metric(label, max(0, monitor.agent_connects - 1))
-            tokens.add_metric(label, agent.tokens)
-            for state in State:
-                states.add_metric([agent.name, state.value], int(state is status.state))
-        yield from per_agent.values()
-        yield reconnects
-        yield tokens
-        yield states
-        link = self.link
-        if link is not None:
-            yield _gauge("backhaul_redis_up", "1 while the edges' Redis answers.", int(link.up))
-            yield _gauge("backhaul_edges", "Edges sharing the Redis, as last counted.", link.edges)
-            errors = CounterMetricFamily(
-                "backhaul_redis_errors", "Calls to Redis that failed or passed the timeout."
-            )
-            errors.add_metric([], link.errors)
-            yield errors
-        telemetry = self._telemetry
-        lines = CounterMetricFamily(
-            "backhaul_telemetry_lines",
-            "JSONL telemetry lines, by result: written, or dropped on a failing disk.",
-            labels=["result"],
-        )
-        lines.add_metric(["written"], telemetry.written)
-        lines.add_metric(["dropped"], telemetry.dropped)
-        yield lines
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
 
 
 class Scrape(enum.Enum):

@@ -41,7 +41,7 @@ import aiohttp
 import orjson
 
 from agent.keygen import generate
-from edge.upstreams.sshd import load_or_create_host_key
+from edge.upstreams.ssh_keys import load_or_create_host_key
 from shared import runtime
 
 BIN = Path(sys.executable).parent

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import asyncssh
 import structlog
@@ -41,7 +38,7 @@ from edge.policy.admission import Admission, Ticket, ssh_admission
 from edge.policy.listeners import guarded
 from edge.settings import EdgeSettings
 from edge.upstreams.forward import AgentConnection, listen
-from shared.errors import ConfigError
+from edge.upstreams.ssh_keys import agent_name, agent_names, load_or_create_host_key
 from shared.protocol import REPLACED_REASON
 from shared.settings import url_address
 
@@ -85,64 +82,10 @@ def upstream_bind(upstream: str) -> tuple[str, int]:
     return host.lower(), port
 
 
-def load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
-    """The server's host key; an ed25519 key is made (mode 0600, plus `.pub`) if missing.
-
-    Error handling: an unreadable key raises `ConfigError` naming the file.
-    """
-    if path.exists():
-        try:
-            return asyncssh.read_private_key(path)
-        except (OSError, asyncssh.KeyImportError) as exc:
-            raise ConfigError(f"cannot read the SSH host key {path}: {exc}") from exc
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="backhaul-edge")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.export_private_key("openssh"))
-    Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
-    log.info("sshd.host_key_created", path=str(path))
-    return key
-
-
 # Called with an agent's name and its forward's base URL when the forward is bound, and with its
 # name alone when its connection ends.
 Attach = Callable[[str, str], object]
 Detach = Callable[[str], object]
-
-
-def agent_names(path: Path) -> dict[bytes, str]:
-    """Each public key in an authorized_keys file, by its key blob, with its agent's name: the
-    line's comment, else `agent-` and the start of its fingerprint. Unreadable lines are left
-    to `asyncssh.read_authorized_keys`, which refuses their keys."""
-    names: dict[bytes, str] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return names
-    for line in lines:
-        match = _KEY_IN_LINE.search(line)
-        if match is None or line.lstrip().startswith("#"):
-            continue
-        try:
-            key = asyncssh.import_public_key(match.group(0))
-        except (asyncssh.KeyImportError, ValueError):
-            continue
-        names[key.public_data] = agent_name(key)
-    return names
-
-
-def agent_name(key: asyncssh.SSHKey) -> str:
-    comment = key.get_comment() or ""
-    cleaned = _NAME_UNSAFE.sub("-", comment.strip())[:64].strip("-")
-    if cleaned:
-        return cleaned
-    return "agent-" + key.get_fingerprint("sha256").removeprefix("SHA256:")[:8]
-
-
-# A key type and its base64 blob, and the comment after it, wherever options put them.
-_KEY_IN_LINE = re.compile(r"(?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/=]+(?:\s+.*)?$")
-_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._@-]+")
 
 
 class EmbeddedSSHServer:
