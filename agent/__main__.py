@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from agent import keygen, run, status_cmd
+from agent import keygen, run, service, status_cmd
 from shared import cli
 from simulator import serve as simulator
 
-COMMANDS = (run, status_cmd, keygen, simulator)
+COMMANDS = (run, status_cmd, keygen, service, simulator)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def protect_private_key(path: Path, system: str | None = None) -> None:
     a private key left readable by others must not pass silently.
     """
     if (system or current()) == WINDOWS:
-        subprocess.run(key_acl_command(path), check=True, capture_output=True)  # noqa: S603
+        subprocess.run(key_acl_command(path), check=True, capture_output=True)  # noqa: S603 (our argv, no shell)
     else:
         os.chmod(path, 0o600)
 

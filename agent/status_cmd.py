@@ -46,13 +46,18 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"backhaul-agent status: {exc}", file=sys.stderr)
             return 2
+    return report(state_dir, as_json=args.json)
+
+
+def report(state_dir: Path, *, as_json: bool) -> int:
+    """Print the status in `state_dir` (as JSON, or for a person); the exit status above."""
     path = state_dir / STATUS_FILE
     status = read_status(path)
     if status is None:
         print(f"no agent status at {path} (is the agent running with this state directory?)")
         return EXIT_UNKNOWN
     running = platforms.pid_alive(status.pid)
-    if args.json:
+    if as_json:
         sys.stdout.write(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         print(_render(status, running))
