@@ -35,7 +35,7 @@ def _library(t: Target) -> PurePath:
 
 
 def default_config(t: Target) -> PurePath:
-    return platforms.base_dir(platforms.MACOS, root=not t.user) / "agent.toml"
+    return _library(t) / "Application Support" / "backhaul" / "agent.toml"
 
 
 def state_dir(t: Target) -> PurePath:
