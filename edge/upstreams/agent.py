@@ -41,6 +41,8 @@ _MODELS_EVERY = 3
 COOL_AFTER = 3
 COOL_FIRST_S = 5.0
 COOL_MAX_S = 60.0
+# The states in which a reachable agent's model server takes requests (unknown: not probed yet).
+SERVING = (State.UP, State.UNKNOWN)
 # Weight of the newest decode-speed sample in the average.
 _SPEED_WEIGHT = 0.3
 
@@ -83,7 +85,7 @@ class Agent(Seat):
     @property
     def reachable(self) -> bool:
         """Connected and its tunnel answering: a request sent now would reach its server."""
-        return self.monitor.refusal() is None
+        return self.monitor.reachable
 
     @property
     def healthy(self) -> bool:
@@ -91,7 +93,7 @@ class Agent(Seat):
         return (
             self.looked
             and self.reachable
-            and self.monitor.status.state in (State.UP, State.UNKNOWN)
+            and self.monitor.state in SERVING
         )
 
     def cooling(self, now: float) -> bool:

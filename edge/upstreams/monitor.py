@@ -103,6 +103,10 @@ class UpstreamMonitor:
         self._models_url = f"{base_url}/v1/models"
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def status(self) -> Status:
         return Status(self._state, self._reason, self._since, self._agent_present)
 

@@ -23,6 +23,7 @@ path's (`edge.proxy.handler.forward`); the pool says which errors allow it (`RET
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 import time
@@ -43,7 +44,7 @@ from edge.errors import (
 from edge.record import RequestRecord
 from edge.settings import EdgeSettings
 from edge.upstreams.affinity import Affinity
-from edge.upstreams.agent import Agent
+from edge.upstreams.agent import SERVING, Agent
 from edge.upstreams.gate import Gate, Pick, Seat
 from edge.upstreams.monitor import UpstreamMonitor
 
@@ -147,18 +148,30 @@ class Pool:
         """
         if not self.agents:
             raise self.unavailable("no workstation has connected to this edge yet")
-        serving = [agent for agent in self.agents.values() if agent.serves(model)]
-        if not serving:
-            raise ModelNotFound(f"model '{model}' is not served by any workstation")
-        avoided = set(avoid)
-        reachable = [a for a in serving if a.monitor.reachable and a not in avoided]
-        if not reachable:
-            return self._unreachable(serving)
+        # One pass (it is on every request's path): who serves it, who of those is reachable,
+        # who of those is healthy and not cooling down.
+        avoided = set(avoid) if avoid else ()
         now = time.monotonic()
-        healthy = [agent for agent in reachable if agent.healthy and not agent.cooling(now)]
+        serving: list[Agent] = []
+        reachable: list[Agent] = []
+        healthy: list[Agent] = []
+        for agent in self.agents.values():
+            if not agent.serves(model):
+                continue
+            serving.append(agent)
+            monitor = agent.monitor
+            if not monitor.reachable or agent in avoided:
+                continue
+            reachable.append(agent)
+            if agent.looked and monitor.state in SERVING and agent.cool_until <= now:
+                healthy.append(agent)
         if healthy:
             return healthy
-        return sorted(reachable, key=lambda agent: agent.cool_until)
+        if reachable:
+            return sorted(reachable, key=lambda agent: agent.cool_until)
+        if not serving:
+            raise ModelNotFound(f"model '{model}' is not served by any workstation")
+        return self._unreachable(serving)
 
     def _unreachable(self, serving: list[Agent]) -> list[Agent]:
         if len(serving) == 1:  # its own monitor's words (absent, or its tunnel silent)
@@ -175,19 +188,24 @@ class Pool:
     def picker(self, candidates: list[Agent], model: str | None, conversation: str | None) -> Pick:
         """The gate's `pick` for one request: the best of `candidates` with a free slot."""
         sticky = self.affinity.get(conversation) if self.affinity_on else None
-        median = self._median_s_per_token()
+        if len(candidates) == 1:  # a pool of one, or one agent with the model: nothing to rank
+            only = candidates[0]
+            return lambda: only if only.free and only.monitor.reachable else None
+        unsampled = any(agent.s_per_token is None for agent in candidates)
+        median = self._median_s_per_token() if unsampled else 0.0
 
         def pick() -> Seat | None:
             best: Agent | None = None
-            best_rank: tuple[bool, bool, float, float] | None = None
-            for agent in candidates:
+            best_rank: tuple[bool, bool, float] | None = None
+            # Ties go to the first seen, from a random start: chance without a draw per agent.
+            start = random.randrange(len(candidates))  # noqa: S311  # a tie-break, not a secret
+            for agent in itertools.chain(candidates[start:], candidates[:start]):
                 if not agent.free or not agent.monitor.reachable:
                     continue
                 rank = (
                     model is not None and model not in agent.loaded,
                     agent.name != sticky,
                     (agent.inflight + 1) * (agent.s_per_token or median),
-                    random.random(),  # noqa: S311  # a tie-break, not a secret
                 )
                 if best_rank is None or rank < best_rank:
                     best, best_rank = agent, rank
