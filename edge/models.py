@@ -8,6 +8,8 @@ refusal are in ../shared/research/gateway-anchors.md §1.4).
 
 from __future__ import annotations
 
+import functools
+
 
 class ModelPolicy:
     """Which models callers may use: an explicit list, or all but the `*-cloud` ones."""
@@ -45,6 +47,7 @@ _DEFAULT_HOST, _DEFAULT_NAMESPACE, _DEFAULT_TAG = "registry.ollama.ai", "library
 _MISSING = "!missing!"
 
 
+@functools.lru_cache(maxsize=1024)  # a request names its model three times over; bounded
 def canonical_model(name: str) -> str:
     """The model `name` names to Ollama, spelled one way, for comparing names.
 

@@ -90,6 +90,8 @@ class Fallbacks:
     def for_request(self, ex: Exchange, model: str | None) -> CloudUpstream | None:
         """The cloud this request may fall back to: its feature's, its key's, its model's (in
         that order); None when it names none or its key keeps it local."""
+        if not self.clouds:  # the usual edge: no fallback at all, and nothing to look up
+            return None
         key = ex.key
         if key is not None and key.local_only:
             return None
