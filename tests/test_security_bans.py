@@ -127,7 +127,7 @@ async def test_tables_stay_bounded_under_an_address_spray(tmp_path: Path):
     # The newest bans are kept (the oldest end first), and the file holds exactly them.
     assert bans.banned_for("10.1.134.159") is not None  # address number 99,999
     assert bans.banned_for("10.0.0.0") is None
-    await bans.save()
+    await bans.saved.save()
     assert len(orjson.loads((tmp_path / "b.json").read_bytes())["bans"]) == 1000
 
 
@@ -161,7 +161,7 @@ async def test_a_bad_entry_is_skipped_and_the_others_kept(tmp_path: Path):
     assert skipped["skipped"] == len(bad) and skipped["first"] == list(bad)[:3]
     assert (tmp_path / "b.json.broken").read_bytes() == original  # the operator's file, kept
     # The next save keeps every good ban (and drops what is over).
-    await bans.save()
+    await bans.saved.save()
     saved = orjson.loads(path.read_bytes())["bans"]
     assert saved == {"203.0.113.9": 5000.0, "2001:db8::/64": 6000.0}
 

@@ -27,7 +27,6 @@ a restart.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -39,7 +38,7 @@ import orjson
 import structlog
 
 from edge.policy.clients import address_group
-from shared.atomic import replace_file
+from edge.policy.saved import Saved
 
 log = structlog.get_logger(__name__)
 
@@ -70,9 +69,7 @@ class BanList:
         self.clock = clock
         self._bans: OrderedDict[str, float] = OrderedDict()  # address -> end (epoch s)
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._dirty = asyncio.Event()
-        self._writing: asyncio.Future[None] | None = None
-        self.saves = 0
+        self.saved = Saved(path, "bans", self._bytes, _SAVE_INTERVAL_S)
         # Told of every ban made here (not of those applied with `quiet`): the edges that
         # share their bans send it on (`edge.cluster.shared`).
         self.on_ban: Callable[[str, float], None] | None = None
@@ -91,7 +88,7 @@ class BanList:
         left = end - self.clock()
         if left <= 0:
             del self._bans[address]
-            self._dirty.set()
+            self.saved.changed()
             return None
         return left
 
@@ -135,7 +132,7 @@ class BanList:
         while len(self._bans) >= self.max_entries:
             self._bans.popitem(last=False)  # the oldest ban: it ends first
         self._bans[address] = until
-        self._dirty.set()
+        self.saved.changed()
         if not quiet and self.on_ban is not None:
             self.on_ban(address, until)
 
@@ -161,7 +158,7 @@ class BanList:
                 raise TypeError("'bans' is not an object")
         except (ValueError, KeyError, TypeError) as exc:
             log.error("bans.load_failed", path=str(self.path), error=str(exc),
-                      kept=self._keep_aside(raw))  # fmt: skip
+                      kept=self.saved.keep_aside(raw))  # fmt: skip
             return
         now = self.clock()
         live: dict[str, float] = {}
@@ -178,7 +175,7 @@ class BanList:
                 path=str(self.path),
                 skipped=len(bad),
                 first=bad[:3],
-                kept=self._keep_aside(raw),
+                kept=self.saved.keep_aside(raw),
                 hint="each entry maps an IP address (or an IPv6 /64) to the ban's end in Unix "
                 "seconds; the others are loaded",
             )
@@ -188,66 +185,18 @@ class BanList:
         if live:
             log.info("bans.loaded", path=str(self.path), bans=len(self._bans))
 
-    def _keep_aside(self, raw: bytes) -> str | None:
-        """Copy the file as read to `<path>.broken`, which no save touches; its path, or None."""
-        assert self.path is not None
-        aside = self.path.with_name(self.path.name + ".broken")
-        try:
-            replace_file(aside, raw, 0o600)
-        except OSError as exc:
-            log.error("bans.keep_aside_failed", path=str(aside), error=str(exc))
-            return None
-        return str(aside)
-
-    def snapshot(self) -> bytes:
+    def _bytes(self) -> bytes:
         """The live bans as the file's bytes; taken on the event loop, which owns the tables."""
-        self._dirty.clear()
         now = self.clock()
         bans = {address: end for address, end in self._bans.items() if end > now}
         return orjson.dumps({"version": 1, "bans": bans})
 
-    def write(self, data: bytes) -> None:
-        """Replace the file with `data` atomically (blocking: run it in a thread)."""
-        if self.path is None:
-            return
-        replace_file(self.path, data, 0o600)
-        self.saves += 1
-
-    async def save(self) -> None:
-        """Write the list now, off the event loop; a failing disk is logged, never raised.
-
-        The write is shielded: cancelling the saver (at shutdown) does not abandon a write under
-        way in its thread, and `close()` waits for it before the final save.
-        """
-        if self.path is None:
-            self._dirty.clear()
-            return
-        self._writing = asyncio.ensure_future(self._write_logged(self.snapshot()))
-        await asyncio.shield(self._writing)
-
-    async def _write_logged(self, data: bytes) -> None:
-        try:
-            await asyncio.to_thread(self.write, data)
-        except OSError as exc:
-            log.error("bans.save_failed", path=str(self.path), error=str(exc))
-
     async def close(self) -> None:
-        """At shutdown: let a write under way finish, then save what changed since."""
-        if self._writing is not None:
-            await self._writing
-        if self.dirty:
-            await self.save()
-
-    @property
-    def dirty(self) -> bool:
-        return self._dirty.is_set()
+        """At shutdown: the last bans saved (`Saved.close`)."""
+        await self.saved.close()
 
     async def run_saver(self) -> None:
-        """Save whenever the list changed, at most once per `_SAVE_INTERVAL_S`, until cancelled."""
-        while True:
-            await self._dirty.wait()
-            await self.save()
-            await asyncio.sleep(_SAVE_INTERVAL_S)  # pacing, not synchronisation
+        await self.saved.run_saver()
 
 
 def _entry(address: str, end: Any) -> tuple[str | None, float | None]:

@@ -18,7 +18,6 @@ not stop the edge, and the copy keeps the figures for a look.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import re
 import time
@@ -31,7 +30,7 @@ from typing import Literal, Protocol
 import orjson
 import structlog
 
-from shared.atomic import replace_file
+from edge.policy.saved import Saved
 from shared.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -98,9 +97,7 @@ class LocalBudgets:
         self.path = path
         self.clock = clock
         self._spent: Spend = {}
-        self._dirty = asyncio.Event()
-        self._writing: asyncio.Future[None] | None = None
-        self.saves = 0
+        self.saved = Saved(path, "budgets", self._bytes, _SAVE_INTERVAL_S)
 
     def spent(self, key_name: str, period: Period) -> int:
         return self._spent.get(key_name, {}).get(period.label, 0)
@@ -110,7 +107,7 @@ class LocalBudgets:
             return
         periods = self._spent.setdefault(key_name, {})
         periods[period.label] = periods.get(period.label, 0) + tokens
-        self._dirty.set()
+        self.saved.changed()
 
     def load(self) -> None:
         """Read the spend saved by an earlier run, its ended periods left out.
@@ -137,62 +134,22 @@ class LocalBudgets:
             self._spent = current_spend(parse_spend(raw), self.clock())
         except ValueError as exc:
             log.error("budgets.load_failed", path=str(self.path), error=str(exc),
-                      kept=self._keep_aside(raw))  # fmt: skip
+                      kept=self.saved.keep_aside(raw))  # fmt: skip
             return
         if self._spent:
             log.info("budgets.loaded", path=str(self.path), keys=len(self._spent))
 
-    def _keep_aside(self, raw: bytes) -> str | None:
-        assert self.path is not None
-        aside = self.path.with_name(self.path.name + ".broken")
-        try:
-            replace_file(aside, raw, 0o600)
-        except OSError as exc:
-            log.error("budgets.keep_aside_failed", path=str(aside), error=str(exc))
-            return None
-        return str(aside)
-
-    def snapshot(self) -> bytes:
+    def _bytes(self) -> bytes:
         """The live spend as the file's bytes (ended periods dropped from memory too)."""
-        self._dirty.clear()
         self._spent = current_spend(self._spent, self.clock())
         return orjson.dumps({"version": 1, "spent": self._spent})
 
-    def write(self, data: bytes) -> None:
-        """Replace the file with `data` atomically (blocking: run it in a thread)."""
-        if self.path is None:
-            return
-        replace_file(self.path, data, 0o600)
-        self.saves += 1
-
-    async def save(self) -> None:
-        """Write the spend now, off the event loop; a failing disk is logged, never raised.
-        Shielded, as `BanList.save` is: a write under way is never abandoned at shutdown."""
-        if self.path is None:
-            self._dirty.clear()
-            return
-        self._writing = asyncio.ensure_future(self._write_logged(self.snapshot()))
-        await asyncio.shield(self._writing)
-
-    async def _write_logged(self, data: bytes) -> None:
-        try:
-            await asyncio.to_thread(self.write, data)
-        except OSError as exc:
-            log.error("budgets.save_failed", path=str(self.path), error=str(exc))
-
     async def close(self) -> None:
-        """At shutdown: let a write under way finish, then save what changed since."""
-        if self._writing is not None:
-            await self._writing
-        if self._dirty.is_set():
-            await self.save()
+        """At shutdown: the last spend saved (`Saved.close`)."""
+        await self.saved.close()
 
-    async def run_saver(self, interval: float = _SAVE_INTERVAL_S) -> None:
-        """Save whenever the spend changed, at most once per `interval`, until cancelled."""
-        while True:
-            await self._dirty.wait()
-            await self.save()
-            await asyncio.sleep(interval)  # pacing, not synchronisation
+    async def run_saver(self) -> None:
+        await self.saved.run_saver()
 
 
 def parse_spend(raw: bytes) -> Spend:
