@@ -38,7 +38,9 @@ def generate(path: Path, comment: str) -> asyncssh.SSHKey:
     """Make an ed25519 key pair at `path` and `path.pub`; the private file is created 0600."""
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # O_BINARY (Windows only): os.open's text mode there would write every newline as CRLF.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(key.export_private_key("openssh"))
     # O_CREAT's mode does not apply to an existing file (--force), nor anywhere on Windows.

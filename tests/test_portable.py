@@ -87,15 +87,23 @@ async def test_the_agent_starts_forwards_and_stops_on_ctrl_c_without_posix_names
             "BACKHAUL_AGENT_STATE_DIR": str(tmp_path),
             "BACKHAUL_AGENT_LOG_FORMAT": "json",
         }
-        with (tmp_path / "agent.log").open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(AGENT, "run", env=env, stderr=log)
+        proc = await asyncio.create_subprocess_exec(
+            AGENT, "run", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        assert proc.stderr is not None
+        lines: list[bytes] = []
         try:
             async with asyncio.timeout(20):
                 await vps.wait_present(True)
+                # The VPS binds before the agent has taken the forward in: wait for its side.
+                while b'"agent.ready"' not in (lines[-1] if lines else b""):
+                    lines.append(await proc.stderr.readline())
+                    assert lines[-1], lines  # the agent ended before it was ready
             response = await generate_via(bind)
             assert response.status == 200
             proc.send_signal(signal.SIGINT)  # what Ctrl-C, and WinSW's stop, raise
             async with asyncio.timeout(5):
+                lines += (await proc.stderr.read()).splitlines()
                 assert await proc.wait() == 0
                 await vps.wait_present(False)
         finally:
@@ -103,7 +111,6 @@ async def test_the_agent_starts_forwards_and_stops_on_ctrl_c_without_posix_names
                 proc.kill()
                 await proc.wait()
     assert (tmp_path / "applied").read_text() == "applied"
-    lines = (tmp_path / "agent.log").read_bytes().splitlines()
     events = [orjson.loads(line)["event"] for line in lines if line.startswith(b"{")]
     assert {"tunnel.up", "agent.stopping", "agent.stopped"} <= set(events), lines
     assert not [line for line in lines if b"Traceback" in line]
