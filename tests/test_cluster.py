@@ -75,7 +75,10 @@ async def generate(
     http: aiohttp.ClientSession, e: Edge, rid: str, body: Any = GEN, **headers: str
 ) -> int:
     async with http.post(
-        f"{e.url}/api/generate", json=body, headers={"X-Request-Id": rid, **headers}
+        f"{e.url}/api/generate",
+        json=body,
+        headers={"X-Request-Id": rid, **headers},
+        timeout=aiohttp.ClientTimeout(total=40),  # a hang is a failure here, not at 120 s
     ) as r:
         await r.read()
         return r.status

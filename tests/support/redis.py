@@ -50,7 +50,9 @@ class RedisServer:
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
-        client = aioredis.Redis(host="127.0.0.1", port=self.port)
+        client = aioredis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1
+        )
         try:
             async with asyncio.timeout(10):
                 while True:
