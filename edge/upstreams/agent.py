@@ -90,11 +90,7 @@ class Agent(Seat):
     @property
     def healthy(self) -> bool:
         """Reachable, and its server neither failing its probe nor refusing the edge's key."""
-        return (
-            self.looked
-            and self.reachable
-            and self.monitor.state in SERVING
-        )
+        return self.looked and self.reachable and self.monitor.state in SERVING
 
     def cooling(self, now: float) -> bool:
         return now < self.cool_until
