@@ -42,12 +42,12 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import cli, load, procs
+from bench.cpu import user_system
 from bench.tunnel_bench import write_key
 from tests.support import flood
 
 AGENT = str(procs.BIN / "backhaul-agent")
 EDGE = str(procs.BIN / "backhaul-edge")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Seconds a flood gets to reach its steady state (the edge refusing it) before the client runs.
 SETTLE_DEADLINE_S = 20.0
 # Seconds of each flood with the client idle: the edge's CPU per refused connection, alone.
@@ -115,12 +115,6 @@ async def wait_ready(url: str) -> None:
                 if r.status == 200:
                     return
             await asyncio.sleep(0.1)
-
-
-def cpu_s(pid: int) -> tuple[float, float]:
-    """The process's user and system CPU seconds so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
 
 
 async def refused(url: str) -> dict[str, float]:
@@ -199,7 +193,7 @@ class Window:
 
 def so_far(s: Stack, listener: str) -> Window:
     """The edge's CPU and the refusals on `listener` since it started (none for "")."""
-    user, system = cpu_s(s.edge_pid)
+    user, system = user_system(s.edge_pid)
     gone = load.run(refused(s.url)).get(listener, 0.0) if listener else 0.0
     return Window(user, system, gone)
 

@@ -180,7 +180,7 @@ def gate_pair(url: str, rounds: int) -> dict[str, Any]:
 def run(telemetry: Path, rounds: int) -> dict[str, Any]:
     """Start a two-slot simulator and a default edge, run the rounds, print the figures."""
     with (
-        procs.simulator(parallel=2, ttft=PREFILL_S) as sim,
+        procs.simulator(parallel=2, ttft=PREFILL_S, reply_tokens=BIG_TOKENS) as sim,
         # Defaults (max_inflight 2, queue_max 64, stream_buffer_bytes 8 MiB), but answers of
         # BIG_TOKENS allowed; auth off, as in the other runs.
         procs.edge(sim, telemetry, max_output_tokens=str(BIG_TOKENS), auth="none") as edge,

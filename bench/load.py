@@ -18,6 +18,8 @@ import uvloop
 
 # No run may last longer than this (s), whatever the machine is doing.
 RUN_DEADLINE_S = 300.0
+# Requests each side of `w1_rounds` gets before its rounds: connections opened, caches warm.
+WARM_UP_REQUESTS = 200
 
 T = TypeVar("T")
 # Reads one streamed answer; given the response and the perf_counter() its request began at.
@@ -30,6 +32,7 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]  # whole request for W1, time to first byte for W2
+    chunks: int = 0  # W2: the NDJSON lines the client read (a token each, and each stream's last)
 
     @property
     def rps(self) -> float:
@@ -80,8 +83,8 @@ def w1_rounds(
     """W1 against `first` then `second` (with `headers`: an API key, say), `rounds` times after a
     warm-up of each; alternating, so that a slow moment of the shared machine falls on both sides
     of a round, not on one side of the comparison. Raises `RuntimeError` if a request failed."""
-    run(w1(first, concurrency, 200))  # warm-up: connections, caches
-    run(w1(second, concurrency, 200, headers=headers))
+    run(w1(first, concurrency, WARM_UP_REQUESTS))
+    run(w1(second, concurrency, WARM_UP_REQUESTS, headers=headers))
     pairs = []
     for _ in range(rounds):
         a = run(w1(first, concurrency, total))
@@ -152,19 +155,20 @@ async def w2(
 ) -> Result:
     """`streams` concurrent streamed /api/generate requests; the TTFB of each (see `streamed`)."""
     ttfb: list[float] = []
-    errors = 0
+    errors = chunks = 0
 
     async def read(response: aiohttp.ClientResponse, start: float) -> None:
-        nonlocal errors
+        nonlocal errors, chunks
         first = await response.content.readline()
         ttfb.append((time.perf_counter() - start) * 1000.0)
         if response.status != 200 or not first:
             errors += 1
-        async for _ in response.content.iter_any():
-            pass
+        chunks += first.count(b"\n")
+        async for data in response.content.iter_any():
+            chunks += data.count(b"\n")
 
     seconds = await streamed(base_url, streams, tokens, read, tok_per_s, per_stream, burst)
-    return Result(len(ttfb), errors, seconds, ttfb)
+    return Result(len(ttfb), errors, seconds, ttfb, chunks)
 
 
 async def streamed(

@@ -12,6 +12,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+# Base URL -> pid of the server `simulator` or `edge` started there (for bench/cpu.py).
+PIDS: dict[str, int] = {}
 
 
 def free_port() -> int:
@@ -67,18 +69,26 @@ def process(
 
 
 @contextmanager
-def simulator(tok_per_s: float = 0, parallel: int = 64, ttft: float | None = None) -> Iterator[str]:
-    """`backhaul-agent simulate` (its own default time to first token unless `ttft`)."""
+def simulator(
+    tok_per_s: float = 0, parallel: int = 64, ttft: float | None = None, reply_tokens: int = 256
+) -> Iterator[str]:
+    """`backhaul-agent simulate` (its own default time to first token unless `ttft`).
+
+    Its reply is `reply_tokens` long, and a request's num_predict cuts it shorter: no longer than
+    a benchmark asks for, since the simulator builds the whole reply for every request (100,000
+    tokens cost it ~12 ms of CPU a request, 50 times a 64-token answer's relay through the edge).
+    """
     port = free_port()
     args = [
         str(BIN / "backhaul-agent"), "simulate", "--port", str(port),
         "--tok-per-s", str(tok_per_s), "--parallel", str(parallel), "--max-queue", "4096",
-        "--reply-tokens", "100000",  # num_predict in each request sets the length
+        "--reply-tokens", str(reply_tokens),
     ]  # fmt: skip
     if ttft is not None:
         args += ["--ttft", str(ttft)]
-    with process(args, port):
-        yield f"http://127.0.0.1:{port}"
+    with process(args, port) as pid:
+        PIDS[url := f"http://127.0.0.1:{port}"] = pid
+        yield url
 
 
 @contextmanager
@@ -104,5 +114,6 @@ def edge(
         **{f"BACKHAUL_EDGE_{k.upper()}": v for k, v in settings.items()},
         **(env or {}),
     }
-    with process([str(BIN / "backhaul-edge"), "serve"], port, env):
-        yield f"http://127.0.0.1:{port}"
+    with process([str(BIN / "backhaul-edge"), "serve"], port, env) as pid:
+        PIDS[url := f"http://127.0.0.1:{port}"] = pid
+        yield url

@@ -38,6 +38,7 @@ from typing import Any
 import aiohttp
 
 from bench import cli, load, procs
+from bench.cpu import cpu_seconds
 from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, write_keys_file
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -85,27 +86,6 @@ def write_key(path: Path, rpm: int, tpm: int | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def edge_pid(url: str) -> int:
-    """The pid of the edge this process started on `url`'s port (`procs.edge` yields a URL)."""
-    wanted = f"BACKHAUL_EDGE_PORT={url.rpartition(':')[2]}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and wanted in environ:
-            return int(entry.name)
-    raise RuntimeError(f"no edge of ours listens on {url}")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def limiters(*telemetry: Path, by_status: bool = False) -> dict[str, int]:
     """Inference requests by who decided their limits ("redis" or "local"), from telemetry;
     `by_status`: by status, error type and limiter ("503 agent_unavailable local")."""
@@ -135,7 +115,7 @@ def latency(tmp: Path, redis_url: str, requests: int, rounds: int) -> dict[str, 
         procs.edge(sim, tmp / "w1-alone.jsonl", **keyed) as alone,
         procs.edge(sim, shared_log, redis_url=redis_url, edge_id="bench-w1", **keyed) as shared,
     ):
-        pids = (edge_pid(alone), edge_pid(shared))
+        pids = (procs.PIDS[alone], procs.PIDS[shared])
         for url in (alone, shared):
             load.run(load.w1(url, 1, 50, headers=auth))  # warm-up: connections, the script
         pairs: list[tuple[load.Result, load.Result]] = []
@@ -143,9 +123,9 @@ def latency(tmp: Path, redis_url: str, requests: int, rounds: int) -> dict[str, 
         for _ in range(rounds):
             runs = []
             for i, url in enumerate((alone, shared)):
-                before = cpu_s(pids[i])
+                before = cpu_seconds(pids[i])
                 runs.append(load.run(load.w1(url, 1, requests, headers=auth)))
-                cpu[i] += cpu_s(pids[i]) - before
+                cpu[i] += cpu_seconds(pids[i]) - before
             if runs[0].errors or runs[1].errors:
                 raise RuntimeError(
                     f"failed requests: alone {runs[0].errors}, redis {runs[1].errors}"

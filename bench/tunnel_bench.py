@@ -14,8 +14,14 @@ W1: non-streamed /api/generate, 64 tokens, concurrency 1 and 32 (p50/p99, req/s)
 rounds alternating the paths; per path the round with the median figure is kept.
 W2: streamed, 256 tokens at 290 tok/s, 64 streams in flight: time to first byte.
 Bulk: a 20 MB streamed response (a blob server stands in for the model server): MB/s.
+CPU (issue 15, bench/cpu.py): every process's utime + stime from /proc over a W1 run at
+concurrency 32 per request, and over each path's W2 run per relayed chunk (the NDJSON lines the
+client read); the embedded SSH server is inside the edge's process, OpenSSH's side is the sshd
+session process (and `ssh -N -R`), nginx is there as the reference. W2 also runs as a burst
+(64 streams started together, `--rounds` times pooled) for issue 15's TTFB target.
 Targets (issue 3): W1 c=1 p99 within 2 ms of direct; c=32 >= 25% of direct's req/s;
-20 MB at >= 150 MB/s. Every run is bounded by a request count and `load.RUN_DEADLINE_S`.
+20 MB at >= 150 MB/s; issue 15's for the pair (edge+embedded) are printed too (bench/run.py).
+Every run is bounded by a request count and `load.RUN_DEADLINE_S`.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncssh
 from aiohttp import web
 
-from bench import cli, load, procs
+from bench import cli, cpu, load, procs
+from bench import run as edge_bench
 
 AGENT = str(procs.BIN / "backhaul-agent")
 EDGE = str(procs.BIN / "backhaul-edge")
@@ -298,45 +306,34 @@ def w1_all(
             "rps": statistics.median(r.rps for _, r in runs),
             "p50_ms": statistics.median(r.p50 for _, r in runs),
             "p99_ms": statistics.median(r.p99 for _, r in runs),
+            "added_p50_ms": statistics.median(r.p50 - d.p50 for d, r in runs),
             "added_p99_ms": statistics.median(r.p99 - d.p99 for d, r in runs),
             "rps_ratio": statistics.median(r.rps / d.rps for d, r in runs),
         }
     return out
 
 
-def _descendants() -> dict[int, tuple[str, float]]:
-    """Every process below this one: pid -> (label, CPU seconds so far)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    info: dict[int, tuple[str, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat[1])
-        info[pid] = (cmd, (int(stat[11]) + int(stat[12])) / hz)
+def _labelled() -> dict[int, str]:
+    """Every process below this one, by its label or its nearest labelled ancestor's (nginx's
+    worker, sshd's sessions), else its command line."""
+    tree = cpu.descendants()
     out = {}
-    for pid, (cmd, cpu) in info.items():
-        if pid == os.getpid():
-            continue
-        ancestor, chain = pid, []
-        while ancestor in parents and ancestor != os.getpid():
-            chain.append(ancestor)
-            ancestor = parents[ancestor]
-        if ancestor != os.getpid():
-            continue
-        label = next((LABELS[p] for p in chain if p in LABELS), None)
-        if "simulate" in cmd:
+    for pid, proc in tree.items():
+        ancestor = pid
+        while ancestor in tree and ancestor not in LABELS:
+            ancestor = tree[ancestor].ppid
+        label = LABELS.get(ancestor, proc.command[:40])
+        if "simulate" in proc.command:
             label = "simulator"
-        elif label == "sshd" and "sshd:" in cmd:
+        elif label == "sshd" and "sshd:" in proc.command:
             label = "sshd session"
-        out[pid] = (label or cmd[:40], cpu)
+        out[pid] = label
     return out
+
+
+def _shown(spent: dict[str, float], units: int, floor_us: float) -> dict[str, float]:
+    """µs per unit for each process that spent at least `floor_us` per unit (the others idle)."""
+    return {k: v for k, v in cpu.per_unit(spent, units).items() if v >= floor_us}
 
 
 def cpu_breakdown(urls: dict[str, str], total: int) -> dict[str, dict[str, float]]:
@@ -347,26 +344,40 @@ def cpu_breakdown(urls: dict[str, str], total: int) -> dict[str, dict[str, float
     out = {}
     for name, url in urls.items():
         load.run(load.w1(url, 32, 200))
-        before, mine = _descendants(), os.times()
-        load.run(load.w1(url, 32, total))
-        after, mine_after = _descendants(), os.times()
-        costs: dict[str, float] = {
-            "load generator": (mine_after.user + mine_after.system - mine.user - mine.system)
-        }
-        for pid, (label, cpu) in after.items():
-            if pid in before:
-                costs[label] = costs.get(label, 0.0) + cpu - before[pid][1]
-        out[name] = {k: v * 1e6 / total for k, v in costs.items() if v * 1e6 / total >= 5}
+        with cpu.measure(_labelled()) as spent:
+            load.run(load.w1(url, 32, total))
+        out[name] = _shown(spent, total, 5.0)
     return out
 
 
-def w2_all(urls: dict[str, str], streams: int) -> dict[str, dict[str, float]]:
-    out = {}
+def w2_all(urls: dict[str, str], streams: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Per path: a steady W2 run (TTFB, CPU per relayed chunk by process), then `rounds` bursts
+    of `streams` started together, alternating the paths (TTFB pooled, added vs direct's)."""
+    out: dict[str, dict[str, Any]] = {}
     for name, url in urls.items():
-        r = load.run(load.w2(url, streams))
+        with cpu.measure(_labelled()) as spent:
+            r = load.run(load.w2(url, streams))
         if r.errors:
             raise RuntimeError(f"{name}: {r.errors} failed streams")
-        out[name] = {"ttfb_p50_ms": r.p50, "ttfb_p99_ms": r.p99, "streams": r.requests}
+        out[name] = {
+            "ttfb_p50_ms": r.p50,
+            "ttfb_p99_ms": r.p99,
+            "streams": r.requests,
+            "chunks": r.chunks,
+            "cpu_us_per_chunk": _shown(spent, r.chunks, 0.2),
+        }
+    bursts: dict[str, list[float]] = {name: [] for name in urls}
+    for _ in range(rounds):
+        for name, url in urls.items():
+            r = load.run(load.w2(url, streams, burst=True))
+            if r.errors:
+                raise RuntimeError(f"{name}: {r.errors} failed streams in a burst")
+            bursts[name] += r.latencies_ms
+    pooled = {name: load.Result(len(v), 0, 1, v) for name, v in bursts.items()}
+    for name, r in pooled.items():
+        out[name]["burst_ttfb_p50_ms"] = r.p50
+        out[name]["burst_ttfb_p99_ms"] = r.p99
+        out[name]["burst_added_ttfb_p99_ms"] = r.p99 - pooled["direct"].p99
     return out
 
 
@@ -393,8 +404,8 @@ def main() -> None:
             results["cpu_us_per_request_c32"] = cpu = cpu_breakdown(urls, 3 * args.requests)
             _print_cpu(cpu)
         with procs.simulator(tok_per_s=290) as sim, stack(tmp / "w2", sim, baseline) as urls:
-            paths = ("direct", "edge+embedded", "edge+sshd", "nginx+ssh -R")
-            figures = w2_all({k: v for k, v in urls.items() if k in paths}, 64)
+            paths = ("direct", "edge+embedded", "edge+sshd", "ssh -R", "nginx+ssh -R")
+            figures = w2_all({k: v for k, v in urls.items() if k in paths}, 64, args.rounds)
             results["w2"] = figures
             _print_w2(figures)
         with blob_server(tmp) as blob, stack(tmp / "bulk", blob, baseline) as urls:
@@ -403,6 +414,10 @@ def main() -> None:
             _print_bulk(results["bulk_mb_s"])  # type: ignore[arg-type]
     results["loadavg_end"] = os.getloadavg()[0]
     _print_targets(results)
+    issue_15 = {mode: _issue_15(results, mode) for mode in ("embedded", "sshd")}
+    results["issue_15"] = issue_15
+    for mode, pair in issue_15.items():
+        edge_bench.print_targets(f"the pair, edge+{mode}", pair)
     print(
         f"1-min load average {results['loadavg_start']:.2f} at start, "
         f"{results['loadavg_end']:.2f} at the end (2 cores; above ~1 the neighbours are busy)"
@@ -428,16 +443,39 @@ def _print_cpu(figures: dict[str, dict[str, float]]) -> None:
         print(f"  {name:<16} total {sum(costs.values()):5.0f}: {parts}")
 
 
-def _print_w2(figures: dict[str, dict[str, float]]) -> None:
-    print("W2 streamed, 256 tokens at 290 tok/s, 64 streams in flight: time to first byte")
+def _print_w2(figures: dict[str, dict[str, Any]]) -> None:
+    print(
+        "W2 streamed, 256 tokens at 290 tok/s, 64 streams: time to first byte in flight "
+        "(steady) and started together (burst); CPU per relayed chunk (us, >= 0.2) by process"
+    )
     for name, f in figures.items():
-        print(f"  {name:<16} p50 {f['ttfb_p50_ms']:6.2f} ms  p99 {f['ttfb_p99_ms']:6.2f} ms")
+        print(
+            f"  {name:<16} p50 {f['ttfb_p50_ms']:6.2f} ms  p99 {f['ttfb_p99_ms']:6.2f} ms  "
+            f"burst p50 {f['burst_ttfb_p50_ms']:6.2f} ms  p99 {f['burst_ttfb_p99_ms']:6.2f} ms"
+        )
+        costs = f["cpu_us_per_chunk"]
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(costs.items(), key=lambda kv: -kv[1]))
+        print(f"  {'':<16} {f['chunks']} chunks, CPU total {sum(costs.values()):.1f}: {parts}")
 
 
 def _print_bulk(rates: dict[str, float]) -> None:
     print(f"Bulk: one {BLOB_MB} MiB streamed answer at a time (median)")
     for name, rate in rates.items():
         print(f"  {name:<16} {rate:7.0f} MB/s")
+
+
+def _issue_15(r: dict[str, Any], mode: str) -> dict[str, float]:
+    """Issue 15's figures for the pair in `mode` ("embedded" or "sshd"), as bench/run.py's."""
+    c1, c32, w2 = r["w1_c1"][f"edge+{mode}"], r["w1_c32"][f"edge+{mode}"], r["w2"][f"edge+{mode}"]
+    figures = [
+        c32["rps_ratio"],
+        c1["added_p50_ms"],
+        c1["added_p99_ms"],
+        w2["burst_added_ttfb_p99_ms"],
+        r["cpu_us_per_request_c32"][f"edge+{mode}"].get(f"edge-{mode}", 0.0),
+        w2["cpu_us_per_chunk"].get(f"edge-{mode}", 0.0),
+    ]
+    return dict(zip(edge_bench.ISSUE_15, figures, strict=True))
 
 
 def _print_targets(r: dict[str, object]) -> None:
