@@ -37,14 +37,17 @@ log = structlog.get_logger(__name__)
 PREFIX = "bh:lease"
 TTL_S = 10.0
 RENEW_S = 2.0
+# Longest a refused request waits for this edge's own leases on their way back.
+_RETURN_WAIT_S = 0.1
 
 # KEYS[1]: the agent's lease set. ARGV: the lease id, the capacity, the TTL in ms.
-# Returns 1 when the lease was taken.
+# Returns 1 when the lease was taken, else minus the number of live leases.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local live = redis.call('ZCARD', KEYS[1])
+if live >= tonumber(ARGV[2]) then return -live end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
 return 1
@@ -81,7 +84,7 @@ class SharedLeases:
         self._renew = link.client.register_script(_RENEW)
         self._held: dict[str, set[str]] = {}  # agent -> this edge's lease ids
         self._ids = itertools.count()
-        self._releasing: set[asyncio.Task[None]] = set()
+        self._releasing: dict[asyncio.Task[None], str] = {}  # leases going back, by agent
         link.on("released", self._released_elsewhere)
         link.on_down(self._alone)
 
@@ -99,31 +102,39 @@ class SharedLeases:
             taken = await self._link.call(lambda: self._acquire(keys=[key], args=args))
         except RedisDown:
             return ""
-        if not taken:
-            agent.elsewhere = max(agent.elsewhere, agent.capacity - agent.inflight + 1)
+        if int(taken) <= 0:
+            live, returning = -int(taken), self._returning_for(agent.name)
+            if returning:
+                # Some of those are this edge's own on their way back: let them land first.
+                await asyncio.wait(returning, timeout=_RETURN_WAIT_S)
+            # Counted as the others' until the next renewal: this edge's gate waits for them.
+            agent.elsewhere = max(0, live - len(self._held.get(agent.name, ())) - len(returning))
             return None
         self._held.setdefault(agent.name, set()).add(lease)
         return lease
 
     def give_back(self, agent: Agent, lease: str) -> None:
-        """The request's upstream ended: its lease goes back (soon, off the request's path)."""
+        """The request's upstream ended: its lease goes back, off the request's path."""
         if not lease:
             return
         self._held.get(agent.name, set()).discard(lease)
         # Others wait for it only when the agent was full: else the renewal's count will do.
         full = agent.inflight + agent.elsewhere + 1 >= agent.capacity
-        task = asyncio.ensure_future(self._remove(agent, lease, full))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
+        task = asyncio.ensure_future(self._return(agent.name, lease, full))
+        self._releasing[task] = agent.name
+        task.add_done_callback(self._releasing.pop)
 
-    async def _remove(self, agent: Agent, lease: str, tell: bool) -> None:
+    def _returning_for(self, name: str) -> set[asyncio.Task[None]]:
+        return {task for task, agent in self._releasing.items() if agent == name}
+
+    async def _return(self, name: str, lease: str, tell: bool) -> None:
         client = self._link.client
         try:
-            await self._link.call(lambda: client.zrem(f"{PREFIX}:{agent.name}", lease))
+            await self._link.call(lambda: client.zrem(f"{PREFIX}:{name}", lease))
         except RedisDown:
             return  # it expires
         if tell:
-            await self._link.publish("released", agent=agent.name)
+            await self._link.publish("released", agent=name)
 
     def _alone(self) -> None:
         for agent in self._pool.agents.values():

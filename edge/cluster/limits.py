@@ -10,10 +10,20 @@ When Redis is away (`RedisDown`: the call failed, took longer than `redis_timeou
 breaker is open) the request is decided by this edge's own buckets, each limit cut to this
 edge's share (`redis_local_share`, or 1 / the number of edges last seen): never wide open, never
 a 500, never a wait past the timeout. Each decision says which limiter made it (`Verdict`).
+Those buckets shadow the shared ones: every request Redis admits is charged to them too (in
+memory, at the share), so a fallback goes on from what this edge has used, not from full
+buckets: a breaker that opens mid-burst (a saturated loop misses the timeout) does not hand
+every edge a fresh share on top of what Redis already counted.
+
+Tokens are charged after the answer, off the request's path (a task of its own: the answer
+does not wait for it), at once: batching them would let a key's next requests through on every
+edge until the batch went.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from typing import Any
 
@@ -62,6 +72,7 @@ class SharedLimits:
         self._local = local
         self._share = share
         self._script = link.client.register_script(_TAKE)
+        self._charging: set[asyncio.Task[None]] = set()
 
     @property
     def share(self) -> float:
@@ -77,13 +88,23 @@ class SharedLimits:
         decisions = [
             _decision(check, float(ahead)) for check, ahead in zip(checks, reply[1:], strict=True)
         ]
+        if not refused:
+            share = self.share
+            for check in checks:
+                if check.cost:
+                    self._local.charge(check, share)  # the shadow (module doc)
         return Verdict(decisions, refused - 1 if refused else None, "redis")
 
     async def charge(self, check: Check) -> None:
-        try:
+        """Charge `check.cost` tokens: to the shadow now, to Redis in a task of its own."""
+        self._local.charge(check, self.share)
+        task = asyncio.get_running_loop().create_task(self._charge(check))
+        self._charging.add(task)
+        task.add_done_callback(self._charging.discard)
+
+    async def _charge(self, check: Check) -> None:
+        with contextlib.suppress(RedisDown):  # while Redis is away the shadow is what counts
             await self._run("charge", [check])
-        except RedisDown:
-            self._local.charge(check, self.share)
 
     async def _run(self, mode: str, checks: list[Check]) -> list[Any]:
         keys = [f"{PREFIX}:{check.kind}:{check.name}" for check in checks]

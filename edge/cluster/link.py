@@ -38,6 +38,8 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.secrets import read_key_file
@@ -168,8 +170,6 @@ class RedisLink:
         self.failures = 0
         self.edges = max(1, int(count))
         if self._open:
-            # Connections made before it went away are dead: drop them, not a request each.
-            await self.client.connection_pool.disconnect()
             self._set_open(False)
             await self._resync()
 
@@ -194,7 +194,7 @@ class RedisLink:
             except (RedisError, OSError) as exc:
                 log.info("redis.events_lost", error=repr(exc))
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                await _bounded(pubsub.aclose())  # type: ignore[no-untyped-call]  # untyped
             await asyncio.sleep(_RESUBSCRIBE_S)
 
     def _dispatch(self, data: Any) -> None:
@@ -228,7 +228,9 @@ async def open_link(
         socket_timeout=max(wait_s, 0.5),
         socket_connect_timeout=max(wait_s, 0.5),
         health_check_interval=0,
-        retry=None,
+        # A pooled connection that died with a Redis now back is tried once more on a new one
+        # (each call is bounded by `call()`'s timeout all the same).
+        retry=Retry(NoBackoff(), 1),
     )
     link = RedisLink(client, wait_s, edge_id)
     started = time.monotonic()
@@ -244,7 +246,15 @@ async def open_link(
     try:
         yield link
     finally:
-        await client.aclose()
+        await _bounded(client.aclose())
+
+
+async def _bounded(closing: Awaitable[object]) -> None:
+    """Close a Redis client or subscription, for at most a second, whatever it raises: a
+    connection to a Redis that went away must not hold the edge's shutdown."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            await closing
 
 
 def _redacted(url: str) -> str:
