@@ -36,6 +36,7 @@ class Cluster:
     def loops(self) -> list[tuple[str, Loop]]:
         loops: list[tuple[str, Loop]] = [
             ("redis-link", self.link.run),
+            ("redis-events", self.link.run_events),
             ("redis-bans", self.bans.run),
             ("redis-leases", self.leases.run),
             ("redis-budgets", self.budgets.run),

@@ -112,6 +112,7 @@ class RedisLink:
             async with asyncio.timeout(self.timeout):
                 result = await use()
         except TimeoutError as exc:
+            _still_cancelled()
             self._failed(exc, at_once=True)
             raise RedisDown("no answer within the timeout") from exc
         except (RedisError, OSError) as exc:
@@ -152,12 +153,14 @@ class RedisLink:
         self._changed = asyncio.Event()
 
     async def run(self) -> None:
-        """The heartbeat and the breaker's probe, beside the event subscription, forever."""
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._subscribe(), name="redis-events")
-            while True:
-                await self._beat()
-                await asyncio.sleep(_PROBE_S if self._open else _HEARTBEAT_S)
+        """The heartbeat and the breaker's probe, forever (`run_events` beside it)."""
+        while True:
+            await self._beat()
+            await asyncio.sleep(_PROBE_S if self._open else _HEARTBEAT_S)
+
+    async def run_events(self) -> None:
+        """The event subscription, forever."""
+        await self._subscribe()
 
     async def _beat(self) -> None:
         ttl_ms = str(int(_EDGE_TTL_S * 1000))
@@ -165,6 +168,7 @@ class RedisLink:
             async with asyncio.timeout(max(self.timeout, 0.5)):
                 count = await self._heartbeat(keys=[EDGES], args=[self.edge_id, ttl_ms])
         except (RedisError, OSError, TimeoutError) as exc:
+            _still_cancelled()
             self._failed(exc)
             return
         self.failures = 0
@@ -207,6 +211,15 @@ class RedisLink:
         handler = self._handlers.get(str(event.get("kind")))
         if handler is not None:
             handler(event)
+
+
+def _still_cancelled() -> None:
+    """Re-raise a cancellation that Python 3.11's `asyncio.timeout` turned into a TimeoutError
+    (a cancel that lands as the timeout expires): a loop that took it for Redis's silence went
+    on running, and the edge's shutdown waited for it forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def default_edge_id(port: int) -> str:
