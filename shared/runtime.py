@@ -113,3 +113,13 @@ def _handle(
 
 def _remove(loop: asyncio.AbstractEventLoop, sig: signal.Signals) -> None:
     loop.remove_signal_handler(sig)
+
+
+def still_cancelled() -> None:
+    """Re-raise a cancellation that Python 3.11's `asyncio.timeout` turned into a TimeoutError
+    (a cancel that lands as the timeout expires). Call it where a `TimeoutError` is read as the
+    other side's silence in a loop: else the loop takes its own shutdown for a timeout and goes
+    on, and whoever waits for it to end waits forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

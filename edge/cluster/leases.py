@@ -31,6 +31,7 @@ import structlog
 from edge.cluster.link import RedisDown, RedisLink
 from edge.upstreams.agent import Agent
 from edge.upstreams.pool import Pool
+from shared.runtime import still_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -152,6 +153,7 @@ class SharedLeases:
         while True:
             with contextlib.suppress(RedisDown):
                 await self.renew()
+            still_cancelled()
             await asyncio.sleep(RENEW_S)
 
     async def renew(self) -> None:

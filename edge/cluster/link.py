@@ -42,6 +42,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from shared.runtime import still_cancelled
 from shared.secrets import read_key_file
 
 log = structlog.get_logger(__name__)
@@ -112,10 +113,11 @@ class RedisLink:
             async with asyncio.timeout(self.timeout):
                 result = await use()
         except TimeoutError as exc:
-            _still_cancelled()
+            still_cancelled()
             self._failed(exc, at_once=True)
             raise RedisDown("no answer within the timeout") from exc
         except (RedisError, OSError) as exc:
+            still_cancelled()  # redis-py may report its own cancellation as a ConnectionError
             self._failed(exc)
             raise RedisDown(str(exc) or type(exc).__name__) from exc
         self.failures = 0
@@ -156,6 +158,7 @@ class RedisLink:
         """The heartbeat and the breaker's probe, forever (`run_events` beside it)."""
         while True:
             await self._beat()
+            still_cancelled()
             await asyncio.sleep(_PROBE_S if self._open else _HEARTBEAT_S)
 
     async def run_events(self) -> None:
@@ -168,7 +171,7 @@ class RedisLink:
             async with asyncio.timeout(max(self.timeout, 0.5)):
                 count = await self._heartbeat(keys=[EDGES], args=[self.edge_id, ttl_ms])
         except (RedisError, OSError, TimeoutError) as exc:
-            _still_cancelled()
+            still_cancelled()
             self._failed(exc)
             return
         self.failures = 0
@@ -196,9 +199,11 @@ class RedisLink:
                     if message is not None:
                         self._dispatch(message.get("data"))
             except (RedisError, OSError) as exc:
+                still_cancelled()
                 log.info("redis.events_lost", error=repr(exc))
             finally:
                 await _bounded(pubsub.aclose())  # type: ignore[no-untyped-call]  # untyped
+            still_cancelled()
             await asyncio.sleep(_RESUBSCRIBE_S)
 
     def _dispatch(self, data: Any) -> None:
@@ -211,15 +216,6 @@ class RedisLink:
         handler = self._handlers.get(str(event.get("kind")))
         if handler is not None:
             handler(event)
-
-
-def _still_cancelled() -> None:
-    """Re-raise a cancellation that Python 3.11's `asyncio.timeout` turned into a TimeoutError
-    (a cancel that lands as the timeout expires): a loop that took it for Redis's silence went
-    on running, and the edge's shutdown waited for it forever."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def default_edge_id(port: int) -> str:

@@ -33,6 +33,7 @@ from edge.policy.bans import BanList
 from edge.policy.budgets import LocalBudgets, Period
 from edge.policy.keys import ApiKey, KeyStore
 from shared.atomic import replace_file
+from shared.runtime import still_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +72,7 @@ class SharedBans:
                     lambda: client.zadd(BANS, {address: until * 1000.0})  # noqa: B023
                 )
             except RedisDown:
+                still_cancelled()
                 continue
             await self._link.publish("ban", address=address, until=until)
 
@@ -121,6 +123,7 @@ class SharedKeys:
             self._reload.clear()
             with contextlib.suppress(RedisDown):  # else the link's next resync loads them
                 await self.resync()
+            still_cancelled()
 
     async def resync(self) -> None:
         client = self._link.client
@@ -180,6 +183,7 @@ class SharedBudgets:
         while True:
             with contextlib.suppress(RedisDown):
                 await self.sync()
+            still_cancelled()
             await asyncio.sleep(_BUDGET_SYNC_S)
 
     async def sync(self) -> None:

@@ -30,6 +30,7 @@ from edge.models import canonical_model
 from edge.upstreams.base import State, classify
 from edge.upstreams.gate import Seat
 from edge.upstreams.monitor import UpstreamMonitor, Waiting
+from shared.runtime import still_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -167,6 +168,7 @@ class Agent(Seat):
             running = await _get_json(session, f"{self.url}/api/ps", timeout)
             self.loaded = frozenset(canonical_model(n) for n in _names(running, "models"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            still_cancelled()
             log.info("pool.models_unknown", agent=self.name, error=str(exc) or repr(exc))
 
     def _set_models(self, names: list[str]) -> None:

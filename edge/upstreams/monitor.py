@@ -25,6 +25,7 @@ import structlog
 
 from edge.errors import AgentUnavailable, EdgeError, UpstreamRefused, UpstreamUnavailable
 from edge.upstreams.base import State, Status, classify, classify_answer
+from shared.runtime import still_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -237,6 +238,7 @@ class UpstreamMonitor:
                 status = await self._ask(session, self._models_url)
             self._set(classify_answer(status), f"probe answered {status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
+            still_cancelled()
             seen = classify(exc)
             assert seen is not None  # classify() reads every aiohttp failure and timeout
             state, reason = seen
