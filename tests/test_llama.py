@@ -77,7 +77,13 @@ async def test_chat_answers_and_streams_through_the_pair(llama: str, tmp_path: P
 
         records = await e.records()
         assert [(r["status"], r["stream"]) for r in records] == [(200, False), (200, True)]
-        assert [r["tokens"] for r in records] == [reply.usage.completion_tokens, len(pieces)]
+        # The edge's figures are the server's own count: a token can carry no text (a piece of
+        # a multi-byte character, a special token), so the text pieces may be fewer.
+        assert [r["tokens"] for r in records] == [
+            reply.usage.completion_tokens,
+            usage.completion_tokens,
+        ]
+        assert len(pieces) <= usage.completion_tokens
 
 
 async def test_output_cap_holds_against_llamas_own_aliases(llama: str, tmp_path: Path):
