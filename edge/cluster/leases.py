@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from edge.cluster.link import RedisDown, RedisLink
+from edge.cluster.link import NOW_MS, RedisDown, RedisLink
 from edge.upstreams.agent import Agent
 from edge.upstreams.pool import Pool
 from shared.runtime import still_cancelled
@@ -43,9 +43,9 @@ _RETURN_WAIT_S = 0.1
 
 # KEYS[1]: the agent's lease set. ARGV: the lease id, the capacity, the TTL in ms.
 # Returns 1 when the lease was taken, else minus the number of live leases.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = (
+    NOW_MS
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local live = redis.call('ZCARD', KEYS[1])
 if live >= tonumber(ARGV[2]) then return -live end
@@ -53,11 +53,12 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
 return 1
 """
+)
 # KEYS: lease sets. ARGV: the TTL in ms, then per key the number of its members that follow,
 # then the members (this edge's leases). Renews them; returns per key the live members.
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RENEW = (
+    NOW_MS
+    + """
 local ttl = tonumber(ARGV[1])
 local at = 2
 local out = {}
@@ -73,6 +74,7 @@ for i = 1, #KEYS do
 end
 return out
 """
+)
 
 
 class SharedLeases:

@@ -27,7 +27,7 @@ import contextlib
 import math
 from typing import Any
 
-from edge.cluster.link import RedisDown, RedisLink
+from edge.cluster.link import NOW_MS, RedisDown, RedisLink
 from edge.policy.limits import Check, Decision, LocalLimits, Verdict
 
 _PERIOD_MS = 60_000.0
@@ -36,9 +36,9 @@ PREFIX = "bh:rl"
 # KEYS: one per check. ARGV: the mode ("take": all checks must pass, then each takes its cost;
 # "charge": each takes its cost), then per check its limit a minute and its cost.
 # Returns the index of the refusing check (0: none), then per check its TAT - now in ms.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_TAKE = (
+    NOW_MS
+    + """
 local period = 60000
 local tats = {}
 local refused = 0
@@ -62,6 +62,7 @@ for i = 1, #KEYS do
 end
 return out
 """
+)
 
 
 class SharedLimits:

@@ -57,14 +57,20 @@ _HEARTBEAT_S = 2.0
 _EDGE_TTL_S = 10.0
 _RESUBSCRIBE_S = 1.0
 
-# Renew this edge's membership and count the live edges, on Redis's clock (no skew between VPSes).
-_HEARTBEAT = """
+# Every script's first lines: now, in milliseconds, on Redis's clock (no skew between VPSes).
+NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+# Renew this edge's membership and count the live edges.
+_HEARTBEAT = (
+    NOW_MS
+    + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return redis.call('ZCARD', KEYS[1])
 """
+)
 
 
 class RedisDown(Exception):

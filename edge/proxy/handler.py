@@ -69,7 +69,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         ex.record.model, ex.record.stream = facts.model, facts.stream
         ex.record.prompt_chars = facts.prompt_chars
         body_limits.check(built.body, edge.body_limits)
-        if route.kind is Kind.GENERATE and edge.pool.affinity_on:
+        # Affinity chooses between agents: with one, a conversation needs no name.
+        if route.kind is Kind.GENERATE and edge.pool.affinity_on and len(edge.pool.agents) > 1:
             caller = f"key:{ex.key.name}" if ex.key is not None else f"addr:{ex.record.client}"
             session = request.headers.get(SESSION_HEADER)
             ex.conversation = conversation_key(caller, facts.model, built.body, session)
