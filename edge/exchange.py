@@ -6,8 +6,9 @@ record, and the middleware writes it once, whatever happened.
 
 from __future__ import annotations
 
+import os
+import random
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ from edge.record import RequestRecord
 from edge.routes import Route
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Request ids must be unique, not secret (the caller sees its own, and nothing is authorised by
+# one): 128 bits of a generator seeded once from the OS, without a system call per request as
+# `secrets` makes, and without a counter, which would tell callers how busy the edge is.
+_IDS = random.Random(os.urandom(32))  # noqa: S311 - unique, not secret (above)
 
 
 @dataclass(slots=True)
@@ -55,4 +60,4 @@ def request_id(supplied: str | None) -> str:
     """The caller's `X-Request-Id` when it is a sane token, else a new one."""
     if supplied and _REQUEST_ID.fullmatch(supplied):
         return supplied
-    return secrets.token_hex(16)  # 128 random bits, as a UUID4 has, for a fifth of the cost
+    return f"{_IDS.getrandbits(128):032x}"

@@ -1,7 +1,7 @@
 """The outermost middleware: one `Exchange` per request, one telemetry line, one error shape.
 
 It checks the raw path (`edge.routes.routable`), answers CORS preflights, binds the
-request id to every log event of the request (structlog's contextvars), renders every
+request id to every log event of the request (`shared.logging.REQUEST_ID`), renders every
 `EdgeError` in the route's own error shape, turns anything unexpected into a logged 500 with no
 traceback for the client, records a client that went away as `client_gone`, and writes exactly
 one telemetry line per request (or, for anonymous refusals past their burst, counts it:
@@ -31,6 +31,7 @@ from edge.proxy.features import FEATURE, lookup
 from edge.record import RequestRecord
 from edge.routes import BY_PATH, OPEN_PATHS, UNLOGGED_PATHS, UNSERVED, routable
 from edge.services import EDGE
+from shared.logging import REQUEST_ID
 
 log = structlog.get_logger(__name__)
 
@@ -50,29 +51,30 @@ async def exchange_middleware(request: web.Request, handler: Handler) -> web.Str
     )
     ex = Exchange(path=path, record=record, via_proxy=via_proxy)
     request[EXCHANGE] = ex
-    with structlog.contextvars.bound_contextvars(request_id=ex.id):
-        try:
-            response = await _dispatch(request, handler, ex)
-            ex.record.status = response.status
-            return response
-        except EdgeError as err:
-            return _fail(ex, err)
-        except web.HTTPException as exc:
-            return _fail(ex, _translate_http_exception(exc))
-        except (asyncio.CancelledError, ConnectionResetError):  # the client went away
-            ex.record.outcome = "client_gone"
-            ex.record.status = ex.record.status or 499  # nginx's "client closed request"
-            raise
-        except Exception:
-            log.exception("edge.internal_error", path=ex.path)
-            return _fail(ex, InternalError("internal error; the request id is in the logs"))
-        finally:
-            ex.record.elapsed_ms = round(ex.elapsed_ms(), 3)
-            if ex.record.overhead_ms is None and ex.route is not None:
-                ex.record.overhead_ms = round(ex.overhead_ms(), 3)
-            if path not in UNLOGGED_PATHS and not ex.aggregated:
-                edge.telemetry.write(ex.record)
-            edge.metrics.observe(ex.record)  # never raises
+    bound = REQUEST_ID.set(ex.id)
+    try:
+        response = await _dispatch(request, handler, ex)
+        ex.record.status = response.status
+        return response
+    except EdgeError as err:
+        return _fail(ex, err)
+    except web.HTTPException as exc:
+        return _fail(ex, _translate_http_exception(exc))
+    except (asyncio.CancelledError, ConnectionResetError):  # the client went away
+        ex.record.outcome = "client_gone"
+        ex.record.status = ex.record.status or 499  # nginx's "client closed request"
+        raise
+    except Exception:
+        log.exception("edge.internal_error", path=ex.path)
+        return _fail(ex, InternalError("internal error; the request id is in the logs"))
+    finally:
+        ex.record.elapsed_ms = round(ex.elapsed_ms(), 3)
+        if ex.record.overhead_ms is None and ex.route is not None:
+            ex.record.overhead_ms = round(ex.overhead_ms(), 3)
+        if path not in UNLOGGED_PATHS and not ex.aggregated:
+            edge.telemetry.write(ex.record)
+        edge.metrics.observe(ex.record)  # never raises
+        REQUEST_ID.reset(bound)
 
 
 def _fail(ex: Exchange, err: EdgeError) -> web.Response:

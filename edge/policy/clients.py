@@ -8,6 +8,7 @@ policy (docs/security.md, "Behind a proxy").
 
 from __future__ import annotations
 
+import functools
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from aiohttp import web
@@ -77,6 +78,12 @@ def _parse(address: str) -> IPv4Address | IPv6Address | None:
     return ip
 
 
+# Both are pure functions of a peer's spelling, asked on every request (and `ipaddress` parses
+# in Python, ~10 µs): the addresses of the recent callers are remembered, a bounded number.
+_REMEMBERED_ADDRESSES = 4096
+
+
+@functools.lru_cache(maxsize=_REMEMBERED_ADDRESSES)
 def canonical_address(address: str) -> str:
     """`address` in one spelling (`2001:DB8::1` is `2001:db8::1`, `::ffff:203.0.113.9` is
     `203.0.113.9`, a zone is dropped); a string that is not an IP address comes back unchanged."""
@@ -84,6 +91,7 @@ def canonical_address(address: str) -> str:
     return address if ip is None else ip.compressed
 
 
+@functools.lru_cache(maxsize=_REMEMBERED_ADDRESSES)
 def address_group(address: str) -> str:
     """What bans, failure counts and per-address limits key on: an IPv4 address itself
     (IPv4-mapped IPv6 too), an IPv6 address's /64 (`2001:db8::/64`), since one subscriber holds

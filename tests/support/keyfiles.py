@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 from edge.policy.keys import ApiKey, KeysFile, digest, new_secret, write_keys_file
+from shared.logging import CONTEXT_PROCESSORS
 from tests.support.servers import Edge, forwarded
 
 
@@ -54,7 +55,7 @@ class Clock:
 @contextmanager
 def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
     # With the context the edge binds (the request id), as the production log has it.
-    with structlog.testing.capture_logs([structlog.contextvars.merge_contextvars]) as logs:
+    with structlog.testing.capture_logs(list(CONTEXT_PROCESSORS)) as logs:
         yield logs
 
 
