@@ -254,8 +254,11 @@ async def _read_json(request: web.Request, ex: Exchange, limit: int, body_timeou
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit")
     try:
-        async with asyncio.timeout(body_timeout):
+        if request.content.is_eof():  # it all came with the headers: no wait, no timer
             raw = await request.read()
+        else:
+            async with asyncio.timeout(body_timeout):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the request body is over the {limit}-byte limit") from None
     except TimeoutError:

@@ -112,6 +112,7 @@ class Gate:
         # that was served is re-inserted at the end.
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._changed = asyncio.Event()
+        self._watchers = 0  # callers of wait_*: only they need an event on every change
 
     @property
     def max_inflight(self) -> int:
@@ -151,18 +152,28 @@ class Gate:
 
     async def wait_queued(self, n: int) -> None:
         """Return once `n` or more requests wait. Unbounded: callers add a timeout."""
-        while self.queued < n:
-            await self._changed.wait()
+        self._watchers += 1
+        try:
+            while self.queued < n:
+                await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     async def wait_inflight(self, n: int) -> None:
         """Return once exactly `n` slots are held. Unbounded: callers add a timeout."""
-        while self.inflight != n:
-            await self._changed.wait()
+        self._watchers += 1
+        try:
+            while self.inflight != n:
+                await self._changed.wait()
+        finally:
+            self._watchers -= 1
 
     def _notify(self) -> None:
-        # Wake every waiter of wait_*, then arm a fresh event for the next change.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Wake every waiter of wait_*, then arm a fresh event for the next change; with none
+        # (serving, as against a test or a drain watching), a request pays nothing for it.
+        if self._watchers:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def wake(self) -> None:
         """A seat may have room it did not have (an agent came back, or was added): give it
