@@ -45,6 +45,7 @@ from edge.proxy.features import Feature, build_features
 from edge.settings import EdgeSettings
 from edge.telemetry import TelemetryWriter
 from edge.upstreams import connections
+from edge.upstreams.channels import Tunnels
 from edge.upstreams.cloud import Fallbacks, open_clouds
 from edge.upstreams.connections import Sessions
 from edge.upstreams.pool import Pool, build_pool
@@ -107,7 +108,10 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
             settings.telemetry_path, settings.telemetry_max_bytes, settings.telemetry_backups
         )
         stack.push_async_callback(telemetry.aclose)
-        sessions = await stack.enter_async_context(connections.sessions(settings, upstream_key))
+        tunnels = Tunnels() if settings.ssh_port else None
+        sessions = await stack.enter_async_context(
+            connections.sessions(settings, upstream_key, tunnels)
+        )
         metrics = EdgeMetrics(settings.models, pool, telemetry)
         fallbacks = await stack.enter_async_context(open_clouds(settings))
         cluster = None
@@ -118,7 +122,7 @@ async def open_edge(settings: EdgeSettings) -> AsyncIterator[Edge]:
         metrics.registry.register(ListenersCollector(listeners))
         sshd = None
         if settings.ssh_port:
-            sshd = EmbeddedSSHServer(settings, pool.attach, pool.detach)
+            sshd = EmbeddedSSHServer(settings, pool.attach, pool.detach, tunnels=tunnels)
             await sshd.start()
             stack.push_async_callback(sshd.close)
             listeners.others.append(sshd.admission)

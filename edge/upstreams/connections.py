@@ -52,6 +52,7 @@ from pydantic import SecretStr
 
 from edge.record import RequestRecord
 from edge.settings import EdgeSettings
+from edge.upstreams.channels import TunnelConnector, Tunnels
 from shared.secrets import read_key_file
 
 log = structlog.get_logger(__name__)
@@ -172,10 +173,11 @@ def read_api_key(path: Path | None) -> SecretStr | None:
 
 @asynccontextmanager
 async def sessions(
-    settings: EdgeSettings, api_key: SecretStr | None = None
+    settings: EdgeSettings, api_key: SecretStr | None = None, tunnels: Tunnels | None = None
 ) -> AsyncIterator[Sessions]:
     """Open the two sessions to the model server, each sending `api_key` as a bearer token
-    when there is one; close them on exit."""
+    when there is one; close them on exit. With `tunnels` (embedded mode), a connection to an
+    agent's forward is its SSH channel, opened in-process (`edge.upstreams.channels`)."""
     timeout = aiohttp.ClientTimeout(
         total=None,  # generation has no total bound; silence does (sock_read)
         connect=settings.connect_timeout,
@@ -193,8 +195,12 @@ async def sessions(
         options["headers"] = {hdrs.AUTHORIZATION: f"Bearer {api_key.get_secret_value()}"}
     # Keep-alive matters: through the tunnel a new connection is a new SSH channel, a round
     # trip to the workstation. No per-host limit: the gate bounds what reaches the GPU.
-    pooled = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S)
-    fresh = aiohttp.TCPConnector(limit=0, force_close=True)
+    if tunnels is None:
+        pooled = aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_S)
+        fresh = aiohttp.TCPConnector(limit=0, force_close=True)
+    else:
+        pooled = TunnelConnector(tunnels, limit=0, keepalive_timeout=POOL_IDLE_S)
+        fresh = TunnelConnector(tunnels, limit=0, force_close=True)
     async with (
         aiohttp.ClientSession(connector=pooled, trace_configs=[_trace_config()], **options) as a,
         aiohttp.ClientSession(connector=fresh, **options) as b,

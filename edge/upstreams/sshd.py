@@ -37,6 +37,7 @@ import structlog
 from edge.policy.admission import Admission, Ticket, ssh_admission
 from edge.policy.listeners import guarded
 from edge.settings import EdgeSettings
+from edge.upstreams.channels import Tunnel, Tunnels
 from edge.upstreams.forward import AgentConnection, listen
 from edge.upstreams.ssh_keys import agent_name, agent_names, load_or_create_host_key
 from shared.protocol import REPLACED_REASON
@@ -98,6 +99,7 @@ class EmbeddedSSHServer:
         detach: Detach | None = None,
         *,
         port: int | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         self._settings = settings
         self._attach = attach or (lambda _name, _url: None)
@@ -113,6 +115,8 @@ class EmbeddedSSHServer:
         self.fingerprint = ""
         self.host_public_key = ""
         self._changed = asyncio.Event()
+        # Each bound forward, for the edge's client to open its channels in-process.
+        self.tunnels = tunnels if tunnels is not None else Tunnels()
 
     @property
     def port(self) -> int:
@@ -263,6 +267,7 @@ class EmbeddedSSHServer:
             peer=agent.peer,
             key=agent.fingerprint,
         )
+        self.tunnels.add(self.bind[0], bound, Tunnel(agent.conn, host, port))
         self._notify()
         self._attach(agent.name, f"http://{_url_host(self.bind[0])}:{bound}")
         return listener
@@ -296,6 +301,9 @@ class EmbeddedSSHServer:
                 reason=reason,
             )
         agent.release()
+        bound = self._ports.get(agent.name)
+        if bound is not None:
+            self.tunnels.remove(self.bind[0], bound, agent.conn)
         if self.holders.get(agent.name) is agent:
             del self.holders[agent.name]
             self._notify()
