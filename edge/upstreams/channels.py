@@ -42,6 +42,7 @@ from aiohttp.client_proto import ResponseHandler
 # refuses a channel that comes before ("No such listener"); OpenSSH records it before asking.
 # The loopback listener's extra hops used to hide this.
 _FIRST_CHANNEL_PAUSES_S = (0.005, 0.02, 0.08, 0.2)
+_NOT_YET = "No such listener"  # asyncssh's reason for that refusal
 # The address a tunnel channel says it comes from: the edge's own loopback, as an accepted
 # socket's peer would be (agents log it; none acts on it).
 _ORIGIN = ("127.0.0.1", 0)
@@ -84,20 +85,27 @@ class Tunnels:
 class _Session(asyncssh.SSHTCPSession[bytes]):
     """Hands the channel's events to aiohttp's protocol, as a socket's transport would."""
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_chan", "_protocol")
 
     def __init__(self, protocol: ResponseHandler) -> None:
         self._protocol = protocol
+        self._chan: Any = None
 
     def connection_made(self, chan: Any) -> None:
+        self._chan = chan
         self._protocol.connection_made(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._protocol.data_received(data)
 
     def eof_received(self) -> bool:
+        # The model server closed its end. asyncio closes a transport whose protocol's
+        # eof_received returns false, and aiohttp counts on that; asyncssh would only send EOF
+        # back and wait for the agent's close. Closed here: the connection is not reused
+        # (`is_closing()` at once), and aiohttp hears `connection_lost` as from a socket.
         self._protocol.eof_received()
-        return False  # as asyncio's: the channel closes once the answer ended
+        self._chan.close()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._protocol.connection_lost(exc)
@@ -133,19 +141,24 @@ class TunnelConnector(aiohttp.TCPConnector):
                     partial(_Session, protocol), tunnel.asked_host, tunnel.asked_port, *_ORIGIN
                 )
             except asyncssh.ChannelOpenError as exc:
-                pause = None if tunnel.opened else next(pauses, None)
-                if pause is None:
-                    raise _refused(req, exc) from exc
-                await asyncio.sleep(pause)  # the agent may not have noted its forward yet
-                continue
-            except (asyncssh.Error, OSError) as exc:
+                if exc.reason == _NOT_YET and not tunnel.opened:
+                    pause = next(pauses, None)
+                    if pause is not None:
+                        await asyncio.sleep(pause)  # the agent has not noted its forward yet
+                        continue
+                # The agent is there and answered: it could not reach its model server. Through
+                # the listener that was a connection accepted, then closed: the same error.
+                raise aiohttp.ClientOSError(
+                    errno.ECONNRESET, f"the agent could not open its model server: {exc.reason}"
+                ) from exc
+            except (asyncssh.Error, OSError) as exc:  # the agent's connection is going
                 raise _refused(req, exc) from exc
             tunnel.opened = True
             return protocol
 
 
 def _refused(req: aiohttp.ClientRequest, exc: Exception) -> aiohttp.ClientConnectorError:
-    """What a refused connect would be: the agent is going, or refused the channel."""
+    """What a refused connect would be: the agent is not (or no longer) there."""
     return aiohttp.ClientConnectorError(
         req.connection_key,
         ConnectionRefusedError(errno.ECONNREFUSED, f"the agent's channel: {exc}"),
