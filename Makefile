@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.flood_bench
 	$(BIN)/python -m bench.pool_bench
 	$(BIN)/python -m bench.redis_bench
+	$(BIN)/python -m bench.floor_bench
 
 # llama.cpp's llama-server and SmolLM2-135M for the real-model tier (tests/test_llama.py), built
 # once into ~/.cache/backhaul (about 8 minutes on two cores; seconds when cached).
