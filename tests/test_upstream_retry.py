@@ -354,6 +354,10 @@ async def test_server_closing_after_every_answer_through_the_pair(
         statuses = await run(http, e, 500, concurrency)
         assert statuses == [200] * 500
         retries = await assert_counted(e, server, 500)
-        # Seen here with nothing modelled: 8 to 67 resends in 500 (and 18 to 102 502s without
-        # the resend); with the close modelled, every other request.
-        assert retries >= (100 if close_travel_s else 1)
+        # With the close modelled, every other request meets it: resent. With nothing modelled
+        # the race is real and rare: 8 to 67 resends in 500 when the edge reached the agent
+        # through its loopback listener (and 18 to 102 502s without the resend), 0 to a few
+        # since it opens the channel in-process (issue 15), which learns of a close sooner.
+        # All 500 answered is what holds either way.
+        if close_travel_s:
+            assert retries >= 100
