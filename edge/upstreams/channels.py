@@ -16,6 +16,14 @@ resend on a dead reused connection, the read timeout, closing the connection to 
 generation. Any other address (system-sshd mode, a plain upstream) is an ordinary TCP
 connection. The listener stays bound for everything else on the VPS that uses the forward.
 
+Two things a channel does unlike a socket are bridged in `_Session`: the model server's close
+(the agent's EOF) closes the channel, as asyncio closes a transport, so a dead kept-alive
+connection is never handed to a request; and a channel the agent refuses because its model
+server is down is the error a connection accepted and then closed was (502, not "agent absent").
+The override is of aiohttp's `TCPConnector._create_connection` and uses its `ResponseHandler`,
+neither of them public: `pyproject.toml` holds aiohttp below 4, and tests/test_channels.py (with
+every embedded-mode test) fails if either changes shape.
+
 Flow control is the channel's: when aiohttp's reader falls behind it pauses reading, the SSH
 window stops opening, and the agent stops reading from the model server; when the channel's
 send buffer is full, asyncssh pauses the writer as a socket would.
