@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import cast
 
 import uvloop
 from aiohttp import ClientSession, TCPConnector, web
@@ -52,8 +53,7 @@ class _Lean(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -138,13 +138,14 @@ def main() -> None:
         serve(kind, int(port), upstream)
         return
     spent: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         sim = stack.enter_context(procs.simulator())
         targets: dict[str, tuple[str, int]] = {}
         for kind in KINDS[:3]:
             port = procs.free_port()
             argv = [sys.executable, "-m", "bench.floor_bench", "--serve", kind, str(port), sim]
-            pid = stack.enter_context(procs.process(argv, port))
+            log = Path(tmp) / f"{kind}.log"  # not a pipe nobody reads while it runs
+            pid = stack.enter_context(procs.process(argv, port, log=log))
             targets[kind] = (f"http://127.0.0.1:{port}", pid)
         edge = stack.enter_context(
             procs.edge(
@@ -168,9 +169,10 @@ def main() -> None:
     if args.json:
         print(json.dumps({"cpu_us_per_request": figures, "rounds": spent}, indent=2))
         return
+    rounds = {kind: [round(us) for us in values] for kind, values in spent.items()}
     print(
         f"CPU µs per W1 request (median of {args.rounds} rounds of {args.requests} at "
-        f"c={args.concurrency}; every round: {spent})"
+        f"c={args.concurrency}; every round: {rounds})"
     )
     for name, value in figures.items():
         print(f"  {name:<36} {value:7.1f}")
