@@ -6,9 +6,10 @@ the same process, where asyncssh read it again and wrote it to the agent's chann
 request paid for a socket pair and two more trips through the event loop and the kernel, about
 70 µs of the edge's CPU (issue 15's measurement), for bytes that never leave the process.
 
-`TunnelConnector` is aiohttp's `TCPConnector` with one change: a connection to an address where
-an agent's forward is bound (`Tunnels`, kept by the SSH server as forwards come and go) is the
-agent's channel itself, opened with `conn.create_connection()` as the listener would open it.
+The edge's connector (`edge.upstreams.connections.Connector`, aiohttp's `TCPConnector`) makes a
+connection to an address where an agent's forward is bound (`Tunnels`, kept by the SSH server
+as forwards come and go) the agent's channel itself (`open_channel`), opened with
+`conn.create_connection()` as the listener would open it.
 An asyncssh channel has the transport methods aiohttp's protocol uses (write, writelines,
 pause_reading, close, abort, is_closing, get_extra_info), so aiohttp's own `ResponseHandler`
 reads from it unchanged, and everything above it is as before: the pool and its keep-alive, the
@@ -20,9 +21,9 @@ Two things a channel does unlike a socket are bridged in `_Session`: the model s
 (the agent's EOF) closes the channel, as asyncio closes a transport, so a dead kept-alive
 connection is never handed to a request; and a channel the agent refuses because its model
 server is down is the error a connection accepted and then closed was (502, not "agent absent").
-The override is of aiohttp's `TCPConnector._create_connection` and uses its `ResponseHandler`,
-neither of them public: `pyproject.toml` holds aiohttp below 4, and tests/test_channels.py (with
-every embedded-mode test) fails if either changes shape.
+The connector overrides aiohttp's `TCPConnector._create_connection`, and this module uses its
+`ResponseHandler`, neither of them public: `pyproject.toml` holds aiohttp below 4, and
+tests/test_channels.py (with every embedded-mode test) fails if either changes shape.
 
 Flow control is the channel's: when aiohttp's reader falls behind it pauses reading, the SSH
 window stops opening, and the agent stops reading from the model server; when the channel's
@@ -125,44 +126,36 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
         self._protocol.resume_writing()
 
 
-class TunnelConnector(aiohttp.TCPConnector):
-    """`TCPConnector`, whose connections to a bound forward are that agent's SSH channels."""
+async def open_channel(tunnel: Tunnel, req: aiohttp.ClientRequest) -> ResponseHandler:
+    """aiohttp's protocol on a new channel of `tunnel`, for `req` (what
+    `edge.upstreams.connections.Connector` makes of a connection to a bound forward).
 
-    def __init__(self, tunnels: Tunnels, **options: Any) -> None:
-        super().__init__(**options)
-        self._tunnels = tunnels
-
-    async def _create_connection(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[Any],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
-    ) -> ResponseHandler:
-        tunnel = self._tunnels.get(req.host, req.port)
-        if tunnel is None:
-            return await super()._create_connection(req, traces, timeout)
-        pauses = iter(_FIRST_CHANNEL_PAUSES_S)
-        while True:
-            protocol = ResponseHandler(asyncio.get_running_loop())
-            try:
-                await tunnel.conn.create_connection(
-                    partial(_Session, protocol), tunnel.asked_host, tunnel.asked_port, *_ORIGIN
-                )
-            except asyncssh.ChannelOpenError as exc:
-                if exc.reason == _NOT_YET and not tunnel.opened:
-                    pause = next(pauses, None)
-                    if pause is not None:
-                        await asyncio.sleep(pause)  # the agent has not noted its forward yet
-                        continue
-                # The agent is there and answered: it could not reach its model server. Through
-                # the listener that was a connection accepted, then closed: the same error.
-                raise aiohttp.ClientOSError(
-                    errno.ECONNRESET, f"the agent could not open its model server: {exc.reason}"
-                ) from exc
-            except (asyncssh.Error, OSError) as exc:  # the agent's connection is going
-                raise _refused(req, exc) from exc
-            tunnel.opened = True
-            return protocol
+    Error handling: raises what a socket's connect would: `ClientConnectorError` when the agent's
+    connection is going (the agent is absent), `ClientOSError` when the agent refused the
+    channel because its model server did not answer (accepted, then closed).
+    """
+    pauses = iter(_FIRST_CHANNEL_PAUSES_S)
+    while True:
+        protocol = ResponseHandler(asyncio.get_running_loop())
+        try:
+            await tunnel.conn.create_connection(
+                partial(_Session, protocol), tunnel.asked_host, tunnel.asked_port, *_ORIGIN
+            )
+        except asyncssh.ChannelOpenError as exc:
+            if exc.reason == _NOT_YET and not tunnel.opened:
+                pause = next(pauses, None)
+                if pause is not None:
+                    await asyncio.sleep(pause)  # the agent has not noted its forward yet
+                    continue
+            # The agent is there and answered: it could not reach its model server. Through
+            # the listener that was a connection accepted, then closed: the same error.
+            raise aiohttp.ClientOSError(
+                errno.ECONNRESET, f"the agent could not open its model server: {exc.reason}"
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:  # the agent's connection is going
+            raise _refused(req, exc) from exc
+        tunnel.opened = True
+        return protocol
 
 
 def _refused(req: aiohttp.ClientRequest, exc: Exception) -> aiohttp.ClientConnectorError:
