@@ -8,7 +8,7 @@ and the failover before the first byte, is `forward()` with the pool (edge.upstr
 attempt on one agent is `edge.proxy.send`, one on a cloud fallback `edge.proxy.cloud_route`.
 
 Resource handling: the gate slot of an inference
-request is held by `forward()`'s `with` block, but a streamed answer releases it as soon as its
+request is held by `_local()`'s `try` block, but a streamed answer releases it as soon as its
 upstream ends (`edge.proxy.relay`): a client still reading the rest never holds the GPU.
 """
 
@@ -165,7 +165,8 @@ async def _local(
             if route.kind in (Kind.GENERATE, Kind.EMBED):
                 key, limit = gate_key(ex)
                 pick = pool.picker(candidates, model, ex.conversation)
-                async with pool.gate.slot(key, limit, pick, wait) as slot:
+                slot = await pool.gate.acquire(key, limit, pick, wait)
+                try:
                     assert isinstance(slot.seat, Agent)
                     agent = slot.seat
                     queued = (ex.record.queue_ms or 0.0) + slot.queue_ms
@@ -179,6 +180,8 @@ async def _local(
                         )
                     finally:
                         release()
+                finally:
+                    slot.release()
             else:
                 agent = candidates[0]
                 response = await send.attempt(request, edge, ex, route, payload, agent, _no_slot)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -177,25 +177,45 @@ class Agent(Seat):
             log.info("pool.models", agent=self.name, models=sorted(names))
         self.models, self.listed = models, sorted(names)
 
-    @contextmanager
-    def errors(self, waiting: Waiting | None = None) -> Iterator[None]:
-        """Translate aiohttp client failures before response headers into our errors, with the
-        state each shows (`classify`, the probe's own table) reported to the monitor.
+    def errors(self, waiting: Waiting | None = None) -> _Errors:
+        """`with` it around a request to the agent: aiohttp client failures before response
+        headers become our errors, with the state each shows (`classify`, the probe's own
+        table) reported to the monitor.
 
         `waiting` is the wait for headers: when the monitor ended it because the connection
         went (an agent replaced by its own reconnect, a tunnel gone silent), the request did
         not time out; it is `ConnectionLost`, which the pool retries.
         """
-        monitor = self.monitor
-        try:
-            yield
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        return _Errors(self.monitor, waiting)
+
+
+class _Errors:
+    """`Agent.errors()`: a class, not a generator-based context manager, because it is on every
+    request's path twice."""
+
+    __slots__ = ("_monitor", "_waiting")
+
+    def __init__(self, monitor: UpstreamMonitor, waiting: Waiting | None) -> None:
+        self._monitor = monitor
+        self._waiting = waiting
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            return
+        monitor = self._monitor
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             state, reason = classify(exc) or (State.AGENT_ABSENT, str(exc))
             monitor.report(state, f"request: {reason}")
             refusal = monitor.refusal()  # AgentUnavailable now, worded in one place
             assert refusal is not None
             raise refusal from exc
-        except TimeoutError as exc:  # the read timeout, or the monitor woke us
+        if isinstance(exc, TimeoutError):  # the read timeout, or the monitor woke us
+            waiting = self._waiting
             if waiting is not None and waiting.woken:
                 raise ConnectionLost(
                     "the workstation's connection was lost while it was answering",
@@ -205,7 +225,7 @@ class Agent(Seat):
             if refusal is not None:
                 raise refusal from exc
             raise UpstreamTimeout("the model server did not answer in time") from exc
-        except aiohttp.ClientError as exc:  # accepted, then reset: the agent's model server is down
+        if isinstance(exc, aiohttp.ClientError):  # accepted, then reset: its model server is down
             state, reason = classify(exc) or (State.MODEL_SERVER_DOWN, str(exc))
             monitor.report(state, f"request: {reason}")  # not a refusal: the probe looks again
             raise UpstreamUnavailable(
