@@ -40,7 +40,8 @@ def test_demo_routes_by_model_across_two_agents(tmp_path: Path):
     ]
 
     records = [orjson.loads(line) for line in (tmp_path / "telemetry.jsonl").read_bytes().split()]
-    assert all(r["status"] == 200 and r["outcome"] == "ok" for r in records)
+    failed = [r for r in records if r["status"] != 200 or r["outcome"] != "ok"]
+    assert not failed, failed
     by_model: dict[str, Counter[str]] = {}
     for record in records:
         by_model.setdefault(record["model"], Counter())[record["agent"]] += 1
