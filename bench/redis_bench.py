@@ -51,6 +51,7 @@ _TPM = 10_000_000_000
 # Large enough that the run is mostly decided by Redis, small enough to pass in a second.
 OVERSHOOT_RPM = 600
 EDGE_SETTINGS = {"max_inflight": "64", "queue_max": "4096", "log_level": "warning"}
+BUSY_CONCURRENCY = 32
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)  # a hung request shows as an error, not a stall
 
 
@@ -131,6 +132,15 @@ def latency(tmp: Path, redis_url: str, requests: int, rounds: int) -> dict[str, 
                     f"failed requests: alone {runs[0].errors}, redis {runs[1].errors}"
                 )
             pairs.append((runs[0], runs[1]))
+        # Under load the writes behind requests share their round trips (RedisLink.later):
+        # the CPU a request at c=32, alone vs with Redis, over as many requests.
+        busy = [0.0, 0.0]
+        for i, url in enumerate((alone, shared)):
+            before = cpu_seconds(pids[i])
+            run = load.run(load.w1(url, BUSY_CONCURRENCY, requests * rounds, headers=auth))
+            if run.errors:
+                raise RuntimeError(f"c={BUSY_CONCURRENCY}: {run.errors} failed requests")
+            busy[i] = cpu_seconds(pids[i]) - before
     o, r = load.median_round(pairs)
     served = requests * rounds
     return {
@@ -142,6 +152,10 @@ def latency(tmp: Path, redis_url: str, requests: int, rounds: int) -> dict[str, 
         "added_p99_ms": statistics.median(b.p99 - a.p99 for a, b in pairs),
         "added_p50_each_round_ms": [b.p50 - a.p50 for a, b in pairs],
         "edge_cpu_us_per_request": {"alone": cpu[0] / served * 1e6, "redis": cpu[1] / served * 1e6},
+        "edge_cpu_us_per_request_busy": {
+            "alone": busy[0] / served * 1e6,
+            "redis": busy[1] / served * 1e6,
+        },
         "limiter": limiters(shared_log),
     }
 
@@ -380,6 +394,11 @@ def _print_latency(r: dict[str, Any]) -> None:
         f"added p50 {r['added_p50_ms']:+.3f} ms p99 {r['added_p99_ms']:+.2f} ms ({verdict}: "
         f"target <= {TARGET_ADDED_P50_MS} ms) | edge CPU {cpu['alone']:.0f} vs {cpu['redis']:.0f} "
         f"µs a request | limiter {r['limiter']}"
+    )
+    busy = r["edge_cpu_us_per_request_busy"]
+    print(
+        f"W1 c={BUSY_CONCURRENCY} keyed: edge CPU {busy['alone']:.0f} vs {busy['redis']:.0f} µs a "
+        f"request (alone vs with Redis: {busy['redis'] - busy['alone']:+.0f})"
     )
 
 

@@ -87,7 +87,7 @@ class SharedLeases:
         self._renew = link.client.register_script(_RENEW)
         self._held: dict[str, set[str]] = {}  # agent -> this edge's lease ids
         self._ids = itertools.count()
-        self._releasing: dict[asyncio.Task[None], str] = {}  # leases going back, by agent
+        self._releasing: dict[asyncio.Future[bool], str] = {}  # leases going back, by agent
         link.on("released", self._released_elsewhere)
         link.on_down(self._alone)
 
@@ -122,22 +122,17 @@ class SharedLeases:
             return
         self._held.get(agent.name, set()).discard(lease)
         # Others wait for it only when the agent was full: else the renewal's count will do.
-        full = agent.inflight + agent.elsewhere + 1 >= agent.capacity
-        task = asyncio.ensure_future(self._return(agent.name, lease, full))
-        self._releasing[task] = agent.name
-        task.add_done_callback(self._releasing.pop)
+        # Not sent at once: with the other writes behind requests (`RedisLink.later`). If it
+        # does not reach Redis, it expires.
+        writes: list[tuple[Any, ...]] = [("ZREM", f"{PREFIX}:{agent.name}", lease)]
+        if agent.inflight + agent.elsewhere + 1 >= agent.capacity:
+            writes.append(self._link.event("released", agent=agent.name))
+        returned = self._link.later(*writes)
+        self._releasing[returned] = agent.name
+        returned.add_done_callback(self._releasing.pop)
 
-    def _returning_for(self, name: str) -> set[asyncio.Task[None]]:
-        return {task for task, agent in self._releasing.items() if agent == name}
-
-    async def _return(self, name: str, lease: str, tell: bool) -> None:
-        client = self._link.client
-        try:
-            await self._link.call(lambda: client.zrem(f"{PREFIX}:{name}", lease))
-        except RedisDown:
-            return  # it expires
-        if tell:
-            await self._link.publish("released", agent=name)
+    def _returning_for(self, name: str) -> set[asyncio.Future[bool]]:
+        return {done for done, agent in self._releasing.items() if agent == name}
 
     def _alone(self) -> None:
         for agent in self._pool.agents.values():

@@ -15,15 +15,15 @@ memory, at the share), so a fallback goes on from what this edge has used, not f
 buckets: a breaker that opens mid-burst (a saturated loop misses the timeout) does not hand
 every edge a fresh share on top of what Redis already counted.
 
-Tokens are charged after the answer, off the request's path (a task of its own: the answer
-does not wait for it), at once: batching them would let a key's next requests through on every
-edge until the batch went.
+Tokens are charged after the answer, off the request's path (the answer does not wait for
+it), within `link.WRITE_BEHIND_S` (2 ms), in one round trip with the other writes behind requests
+(`RedisLink.later`): about as soon as a call of its own would land, at a fraction of its CPU.
+Batching them for longer would let a key's next requests through on every edge until the batch
+went.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 from typing import Any
 
@@ -73,7 +73,6 @@ class SharedLimits:
         self._local = local
         self._share = share
         self._script = link.client.register_script(_TAKE)
-        self._charging: set[asyncio.Task[None]] = set()
 
     @property
     def share(self) -> float:
@@ -97,23 +96,23 @@ class SharedLimits:
         return Verdict(decisions, refused - 1 if refused else None, "redis")
 
     async def charge(self, check: Check) -> None:
-        """Charge `check.cost` tokens: to the shadow now, to Redis in a task of its own."""
+        """Charge `check.cost` tokens: to the shadow now, to Redis with the other writes behind
+        requests (`RedisLink.later`); while Redis is away the shadow is what counts."""
         self._local.charge(check, self.share)
-        task = asyncio.get_running_loop().create_task(self._charge(check))
-        self._charging.add(task)
-        task.add_done_callback(self._charging.discard)
-
-    async def _charge(self, check: Check) -> None:
-        with contextlib.suppress(RedisDown):  # while Redis is away the shadow is what counts
-            await self._run("charge", [check])
+        self._link.later((self._script, *_keys_and_args("charge", [check])))
 
     async def _run(self, mode: str, checks: list[Check]) -> list[Any]:
-        keys = [f"{PREFIX}:{check.kind}:{check.name}" for check in checks]
-        args: list[str | int] = [mode]
-        for check in checks:
-            args += [check.limit, check.cost]
+        keys, args = _keys_and_args(mode, checks)
         reply: list[Any] = await self._link.call(lambda: self._script(keys=keys, args=args))
         return reply
+
+
+def _keys_and_args(mode: str, checks: list[Check]) -> tuple[list[str], list[str | int]]:
+    keys = [f"{PREFIX}:{check.kind}:{check.name}" for check in checks]
+    args: list[str | int] = [mode]
+    for check in checks:
+        args += [check.limit, check.cost]
+    return keys, args
 
 
 def _decision(check: Check, ahead_ms: float) -> Decision:
