@@ -1,9 +1,12 @@
-"""The writes no request waits on (a lease going back, a tpm charge, their events): queued by
-`RedisLink.later` and sent together, one pipeline a batch, to a real `redis-server`.
+"""Fewer round trips to a real `redis-server`: the scripts requests wait on, asked for in one
+turn of the event loop, share a pipeline (`RedisLink.run_script`); the writes no request waits
+on (a lease going back, a tpm charge, their events) are queued by `RedisLink.later` and sent
+together.
 
-What must hold: every write arrives, in the order queued; writes queued within the window share
-one round trip; a script Redis forgot (a restart, `SCRIPT FLUSH`) is loaded again rather than
-the write lost; with Redis away the caller is told, never raised at; what is queued when the
+What must hold: each caller gets its own script's reply; every write arrives, in the order
+queued; writes queued within the window share one round trip; a script Redis forgot (a restart,
+`SCRIPT FLUSH`) is loaded again rather than the call or write lost; with Redis away the caller
+is told (`RedisDown`, or `False` for a write), and nothing else raises; what is queued when the
 edge stops is still sent.
 """
 
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from edge.cluster.link import RedisLink, open_link
+from edge.cluster.link import RedisDown, RedisLink, open_link
 from tests.support.redis import RedisServer, redis_server, requires_redis
 
 pytestmark = [requires_redis(), pytest.mark.redis]
@@ -43,6 +46,50 @@ async def read(redis: RedisServer, *command: Any) -> Any:
         return await client.execute_command(*command)  # type: ignore[no-untyped-call]  # untyped upstream
     finally:
         await client.aclose()
+
+
+async def test_scripts_asked_together_share_a_pipeline_and_each_gets_its_reply(
+    tmp_path: Path,
+) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        open_link(redis.url, None, 0.5, "edge0") as link,
+    ):
+        add = link.client.register_script(ADD)
+        opened = count_pipelines(link)
+        assert await link.run_script(add, ["alone"], [2]) == 2  # one: a call of its own
+        assert opened == []
+        async with asyncio.timeout(5):
+            replies = await asyncio.gather(
+                *(link.run_script(add, [f"k{i % 2}"], [i]) for i in range(1, 7))
+            )
+        assert opened == [1]
+        assert replies == [1, 2, 4, 6, 9, 12]  # k1: 1, 1+3, 1+3+5; k0: 2, 2+4, 2+4+6
+        await link.client.script_flush()  # as after a restart of Redis: loaded again
+        async with asyncio.timeout(5):
+            again = await asyncio.gather(
+                link.run_script(add, ["k0"], [1]), link.run_script(add, ["k1"], [1])
+            )
+        assert list(again) == [13, 10]
+
+
+async def test_a_script_asked_for_with_redis_away_is_redis_down(tmp_path: Path) -> None:
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        open_link(redis.url, None, 0.2, "edge0") as link,
+    ):
+        add = link.client.register_script(ADD)
+        await redis.stop()
+        for _ in range(2):  # alone, then two together
+            with pytest.raises(RedisDown):
+                async with asyncio.timeout(5):
+                    await link.run_script(add, ["k"], [1])
+        results = await asyncio.gather(
+            link.run_script(add, ["k"], [1]),
+            link.run_script(add, ["k"], [1]),
+            return_exceptions=True,
+        )
+        assert all(isinstance(result, RedisDown) for result in results)
 
 
 async def test_writes_queued_together_arrive_in_order_in_one_round_trip(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ class SharedLeases:
         key = f"{PREFIX}:{agent.name}"
         args: list[str | int] = [lease, agent.capacity, int(TTL_S * 1000)]
         try:
-            taken = await self._link.call(lambda: self._acquire(keys=[key], args=args))
+            taken = await self._link.run_script(self._acquire, [key], args)
         except RedisDown:
             return ""
         if int(taken) <= 0:

@@ -103,7 +103,7 @@ class SharedLimits:
 
     async def _run(self, mode: str, checks: list[Check]) -> list[Any]:
         keys, args = _keys_and_args(mode, checks)
-        reply: list[Any] = await self._link.call(lambda: self._script(keys=keys, args=args))
+        reply: list[Any] = await self._link.run_script(self._script, keys, args)
         return reply
 
 
