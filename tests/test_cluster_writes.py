@@ -138,3 +138,20 @@ async def test_what_is_queued_when_the_edge_stops_is_still_sent(tmp_path: Path) 
             queued = link.later(("SET", "last-words", "sent"))
         assert queued.done() and queued.result() is True
         assert await read(redis, "GET", "last-words") == "sent"
+
+
+async def test_a_script_whose_asker_went_away_before_it_was_sent_is_not_run(
+    tmp_path: Path,
+) -> None:
+    """A lease taken for a request already gone would be a slot nobody holds until it expires."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        open_link(redis.url, None, 0.5, "edge0") as link,
+    ):
+        add = link.client.register_script(ADD)
+        gone = asyncio.create_task(link.run_script(add, ["gone"], [1]))
+        await asyncio.sleep(0)  # it asked; the batch leaves on the next turn
+        gone.cancel()
+        stayed = await link.run_script(add, ["stayed"], [1])
+        assert stayed == 1 and gone.cancelled()
+        assert await read(redis, "GET", "gone") is None

@@ -174,7 +174,11 @@ class RedisLink:
         return result
 
     def _send_asked(self) -> None:
-        batch, self._asked = self._asked, []
+        # Not what the requests that asked and went away since asked for (a lease nobody holds).
+        batch = [asked for asked in self._asked if not asked[3].done()]
+        self._asked = []
+        if not batch:
+            return
         task = asyncio.get_running_loop().create_task(self._send(batch))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
