@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,11 +177,8 @@ class RedisLink:
         # Not what the requests that asked and went away since asked for (a lease nobody holds).
         batch = [asked for asked in self._asked if not asked[3].done()]
         self._asked = []
-        if not batch:
-            return
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        if batch:
+            self._spawn(self._send(batch))
 
     async def _send(self, batch: list[_Asked]) -> None:
         try:
@@ -241,7 +238,7 @@ class RedisLink:
         return done
 
     async def drain(self) -> None:
-        """Send what is queued now and wait for every write on its way (at shutdown)."""
+        """Send the writes queued now and wait for every round trip on its way (at shutdown)."""
         if self._flush_at is not None:
             self._flush_at.cancel()
             self._flush_soon()
@@ -251,7 +248,11 @@ class RedisLink:
     def _flush_soon(self) -> None:
         self._flush_at = None
         batch, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._spawn(self._flush(batch))
+
+    def _spawn(self, sending: Coroutine[Any, Any, None]) -> None:
+        """A round trip in a task of its own, kept until done (`drain()` waits for it)."""
+        task = asyncio.get_running_loop().create_task(sending)
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
