@@ -13,6 +13,8 @@ edge stops is still sent.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,18 @@ def count_pipelines(link: RedisLink) -> list[int]:
     return opened
 
 
+@asynccontextmanager
+async def linked(
+    tmp_path: Path, redis_timeout: float = 0.5
+) -> AsyncIterator[tuple[RedisServer, RedisLink]]:
+    """A real redis-server, and an edge's link to it."""
+    async with (
+        redis_server(tmp_path / "redis") as redis,
+        open_link(redis.url, None, redis_timeout, "edge0") as link,
+    ):
+        yield redis, link
+
+
 async def read(redis: RedisServer, *command: Any) -> Any:
     client = aioredis.Redis(host="127.0.0.1", port=redis.port, decode_responses=True)
     try:
@@ -51,10 +65,7 @@ async def read(redis: RedisServer, *command: Any) -> Any:
 async def test_scripts_asked_together_share_a_pipeline_and_each_gets_its_reply(
     tmp_path: Path,
 ) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        open_link(redis.url, None, 0.5, "edge0") as link,
-    ):
+    async with linked(tmp_path) as (_, link):
         add = link.client.register_script(ADD)
         opened = count_pipelines(link)
         assert await link.run_script(add, ["alone"], [2]) == 2  # one: a call of its own
@@ -74,10 +85,7 @@ async def test_scripts_asked_together_share_a_pipeline_and_each_gets_its_reply(
 
 
 async def test_a_script_asked_for_with_redis_away_is_redis_down(tmp_path: Path) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        open_link(redis.url, None, 0.2, "edge0") as link,
-    ):
+    async with linked(tmp_path, 0.2) as (redis, link):
         add = link.client.register_script(ADD)
         await redis.stop()
         for _ in range(2):  # alone, then two together
@@ -93,10 +101,7 @@ async def test_a_script_asked_for_with_redis_away_is_redis_down(tmp_path: Path) 
 
 
 async def test_writes_queued_together_arrive_in_order_in_one_round_trip(tmp_path: Path) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        open_link(redis.url, None, 0.5, "edge0") as link,
-    ):
+    async with linked(tmp_path) as (redis, link):
         opened = count_pipelines(link)
         add = link.client.register_script(ADD)
         sent = [link.later(("RPUSH", "order", str(i))) for i in range(5)]
@@ -109,10 +114,7 @@ async def test_writes_queued_together_arrive_in_order_in_one_round_trip(tmp_path
 
 
 async def test_a_script_redis_forgot_is_loaded_again(tmp_path: Path) -> None:
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        open_link(redis.url, None, 0.5, "edge0") as link,
-    ):
+    async with linked(tmp_path) as (redis, link):
         add = link.client.register_script(ADD)
         assert await add(keys=["tokens"], args=[1]) == 1  # loaded
         await link.client.script_flush()  # as after a restart of Redis
@@ -144,14 +146,13 @@ async def test_a_script_whose_asker_went_away_before_it_was_sent_is_not_run(
     tmp_path: Path,
 ) -> None:
     """A lease taken for a request already gone would be a slot nobody holds until it expires."""
-    async with (
-        redis_server(tmp_path / "redis") as redis,
-        open_link(redis.url, None, 0.5, "edge0") as link,
-    ):
+    async with linked(tmp_path) as (redis, link):
         add = link.client.register_script(ADD)
+        # The loop runs callbacks in the order they were scheduled: `gone`'s first step (it
+        # asks), then its cancellation, then the batch, which `stayed` below scheduled when it
+        # asked first. So `gone` is cancelled after asking and before its batch leaves.
         gone = asyncio.create_task(link.run_script(add, ["gone"], [1]))
-        await asyncio.sleep(0)  # it asked; the batch leaves on the next turn
-        gone.cancel()
+        asyncio.get_running_loop().call_soon(gone.cancel)
         stayed = await link.run_script(add, ["stayed"], [1])
         assert stayed == 1 and gone.cancelled()
         assert await read(redis, "GET", "gone") is None

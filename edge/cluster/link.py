@@ -19,7 +19,7 @@ One edge needs no Redis; with `redis_url` set, the policy stores (`edge.cluster.
 - **Scripts a request waits on** (its limits, its lease): `run_script()` sends those asked for
   in the same turn of the event loop in one pipeline (auto-pipelining, as ioredis and go-redis
   offer): under load, requests share their round trips; a lone one is a call of its own, since
-  a pipeline of one costs more than a call.
+  a pipeline of one costs more than a call (`_round_trip()`, which both kinds go through).
 - **Writes no request waits on** (a lease going back, a tpm charge, their events): `later()`
   queues them for `WRITE_BEHIND_S` and sends every write queued meanwhile in one pipeline, one
   round trip. redis-py spends about 85 µs of CPU on a call whatever it carries, and a keyed
@@ -98,8 +98,6 @@ class RedisDown(Exception):
 # A script's reply, or the reason there is none (a result, not an exception on the future: the
 # request that asked may be gone by then, and nobody would retrieve it).
 _Reply = asyncio.Future[tuple[Any, RedisDown | None]]
-# A script asked for by `run_script()`: it, its keys, its arguments, where its reply goes.
-_Asked = tuple[AsyncScript, list[str], list[str | int], _Reply]
 
 
 Handler = Callable[[dict[str, Any]], None]
@@ -122,7 +120,7 @@ class RedisLink:
         self._down_listeners: list[Callable[[], None]] = []
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._changed = asyncio.Event()
-        self._asked: list[_Asked] = []
+        self._asked: list[tuple[Write, _Reply]] = []  # by run_script(), this loop turn
         self._queued: list[tuple[tuple[Write, ...], asyncio.Future[bool]]] = []
         self._flush_at: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -160,12 +158,12 @@ class RedisLink:
 
     async def run_script(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         """`script`'s reply for `keys` and `args`, as `call()` bounds it; `RedisDown` as there.
-        Scripts asked for in the same turn of the event loop share one pipeline."""
+        Scripts asked for in the same turn of the event loop share one round trip."""
         if self._open:
             raise RedisDown("the breaker is open")
         loop = asyncio.get_running_loop()
         reply: _Reply = loop.create_future()
-        self._asked.append((script, keys, args, reply))
+        self._asked.append(((script, keys, args), reply))
         if len(self._asked) == 1:
             loop.call_soon(self._send_asked)
         result, error = await reply
@@ -173,60 +171,19 @@ class RedisLink:
             raise error
         return result
 
-    def _send_asked(self) -> None:
-        # Not what the requests that asked and went away since asked for (a lease nobody holds).
-        batch = [asked for asked in self._asked if not asked[3].done()]
-        self._asked = []
-        if batch:
-            self._spawn(self._send(batch))
-
-    async def _send(self, batch: list[_Asked]) -> None:
-        try:
-            if len(batch) == 1:
-                script, keys, args, reply = batch[0]
-                _answer(reply, *await self._one(script, keys, args))
-                return
-            pipe = self.client.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                replies = await self.call(lambda: pipe.execute(raise_on_error=False))
-            except RedisDown as exc:
-                for *_, reply in batch:
-                    _answer(reply, None, exc)
-                return
-            for (script, keys, args, reply), result in zip(batch, replies, strict=True):
-                if isinstance(result, NoScriptError):  # Redis restarted: the script loads
-                    _answer(reply, *await self._one(script, keys, args))
-                elif isinstance(result, Exception):
-                    self._failed(result)
-                    _answer(reply, None, RedisDown(str(result) or type(result).__name__))
-                else:
-                    _answer(reply, result, None)
-        finally:
-            for *_, reply in batch:  # cancelled with the edge
-                _answer(reply, None, RedisDown("the edge is stopping"))
-
-    async def _one(
-        self, script: AsyncScript, keys: list[str], args: list[str | int]
-    ) -> tuple[Any, RedisDown | None]:
-        try:
-            return await self.call(lambda: script(keys=keys, args=args)), None
-        except RedisDown as exc:
-            return None, exc
-
     async def publish(self, kind: str, **fields: Any) -> None:
         """Tell the other edges (best effort: a lost event is made up by their next resync)."""
-        event = orjson.dumps({"kind": kind, "from": self.edge_id, **fields})
+        _, channel, event = self.event(kind, **fields)
         with contextlib.suppress(RedisDown):
-            await self.call(lambda: self.client.publish(CHANNEL, event))
+            await self.call(lambda: self.client.publish(channel, event))
 
     def event(self, kind: str, **fields: Any) -> Write:
-        """The write that tells the other edges of `kind` (for `later()`)."""
+        """The write that tells the other edges of `kind` (`publish()` sends it now, `later()`
+        with the others)."""
         return ("PUBLISH", CHANNEL, orjson.dumps({"kind": kind, "from": self.edge_id, **fields}))
 
     def later(self, *writes: Write) -> asyncio.Future[bool]:
-        """Send `writes`, in order, within `WRITE_BEHIND_S`, in one pipeline with every other
+        """Send `writes`, in order, within `WRITE_BEHIND_S`, in one round trip with every other
         write queued meanwhile. The future says whether they reached Redis; it never raises
         (best effort, like the calls it replaces: a lease not given back expires, a charge
         not sent is in this edge's shadow of the limits)."""
@@ -245,6 +202,13 @@ class RedisLink:
         if self._flushing:
             await asyncio.wait(self._flushing)
 
+    def _send_asked(self) -> None:
+        # Not what the requests that asked and went away since asked for (a lease nobody holds).
+        batch = [(write, reply) for write, reply in self._asked if not reply.done()]
+        self._asked = []
+        if batch:
+            self._spawn(self._send(batch))
+
     def _flush_soon(self) -> None:
         self._flush_at = None
         batch, self._queued = self._queued, []
@@ -256,34 +220,33 @@ class RedisLink:
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _flush(self, batch: list[tuple[tuple[Write, ...], asyncio.Future[bool]]]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for writes, _ in batch:
-            for write in writes:
-                if isinstance(write[0], AsyncScript):
-                    script, keys, args = write
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                else:
-                    pipe.execute_command(*write)
+    async def _send(self, batch: list[tuple[Write, _Reply]]) -> None:
         try:
-            try:
-                replies: list[Any] | None = await self.call(
-                    lambda: pipe.execute(raise_on_error=False)
-                )
-            except RedisDown:
-                replies = None
-            at = 0
+            replies = await self._round_trip([write for write, _ in batch])
+            for (_, reply), result in zip(batch, replies, strict=True):
+                if isinstance(result, RedisDown):
+                    _answer(reply, None, result)
+                elif isinstance(result, Exception):  # Redis answered with an error
+                    self._failed(result)
+                    _answer(reply, None, RedisDown(str(result) or type(result).__name__))
+                else:
+                    _answer(reply, result, None)
+        finally:
+            for _, reply in batch:  # cancelled with the edge
+                _answer(reply, None, RedisDown("the edge is stopping"))
+
+    async def _flush(self, batch: list[tuple[tuple[Write, ...], asyncio.Future[bool]]]) -> None:
+        try:
+            replies = iter(await self._round_trip([w for writes, _ in batch for w in writes]))
             for writes, done in batch:
-                sent = replies is not None
-                for write in writes:
-                    reply = replies[at] if replies is not None else None
-                    at += 1
-                    if isinstance(reply, NoScriptError):  # Redis restarted: the script loads
-                        sent = await self._script_again(write) and sent
-                    elif isinstance(reply, Exception):
-                        name = write[0] if isinstance(write[0], str) else "EVALSHA"
-                        log.warning("redis.write_failed", error=repr(reply), command=name)
+                sent = True
+                # This entry's replies, taken from all of them (`writes` first: none more).
+                for write, reply in zip(writes, replies, strict=False):
+                    if isinstance(reply, Exception):
                         sent = False
+                        if not isinstance(reply, RedisDown):  # Redis answered with an error
+                            name = write[0] if isinstance(write[0], str) else "EVALSHA"
+                            log.warning("redis.write_failed", error=repr(reply), command=name)
                 if not done.done():
                     done.set_result(sent)
         finally:
@@ -291,10 +254,37 @@ class RedisLink:
                 if not done.done():
                     done.set_result(False)
 
-    async def _script_again(self, write: Write) -> bool:
+    async def _round_trip(self, writes: list[Write]) -> list[Any]:
+        """Each write's reply, the writes sent in one pipeline; a lone script is a call of its
+        own, as a pipeline of one costs more. Where a write failed its reply is the exception:
+        Redis's error, or `RedisDown` for every write when Redis is away. A script Redis forgot
+        (a restart) is run once more on its own, which loads it."""
+        if len(writes) == 1 and isinstance(writes[0][0], AsyncScript):
+            return [await self._script(writes[0])]
+        pipe = self.client.pipeline(transaction=False)
+        for write in writes:
+            if isinstance(write[0], AsyncScript):
+                script, keys, args = write
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            else:
+                pipe.execute_command(*write)
+        try:
+            replies: list[Any] = await self.call(lambda: pipe.execute(raise_on_error=False))
+        except RedisDown as exc:
+            return [exc] * len(writes)
+        for at, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                replies[at] = await self._script(writes[at])
+        return replies
+
+    async def _script(self, write: Write) -> Any:
+        """A script's reply, sent on its own (redis-py loads it if Redis has forgotten it), or
+        the `RedisDown` that stopped it."""
         script, keys, args = write
-        _, error = await self._one(script, keys, args)
-        return error is None
+        try:
+            return await self.call(lambda: script(keys=keys, args=args))
+        except RedisDown as exc:
+            return exc
 
     async def wait_changed(self) -> None:
         """Return at the next change of `up` (for tests; bound it with a timeout)."""
